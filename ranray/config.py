@@ -1,0 +1,396 @@
+"""Typed job configs: YAML in, validated, `key=value` overrides, saved beside every run.
+
+Every job (prepare, train, pretrain, tune) has one dataclass tree here. Loading refuses unknown
+keys and wrong types with a message naming the dotted key, before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CLASS_NAMES: tuple[str, ...] = (
+    "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
+)
+SUBSETS = ("all", "occlusion", "pose30", "pose45")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the dotted key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Job configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # empty: derived from the job and a timestamp
+    storage_path: str = "runs"  # local dir, NFS path or s3://... for multi-node
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    flip: bool = True
+    rotate_deg: float = 10.0
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    blur_prob: float = 0.1
+    erase_prob: float = 0.25
+    erase_max_frac: float = 0.3
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # a prepared dataset: manifest.json + <split>/part-*.parquet
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
+    train_subset: Literal["all", "occlusion", "pose30", "pose45"] = "all"
+    loader: Literal["dali", "torch"] = "dali"
+    num_threads: int = 2
+    channels_last: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "iresnet50"
+    region_mode: Literal["fixed", "landmark", "random"] = "fixed"
+    num_regions: int = 6  # K, the whole face included
+    crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
+    dropout: float = 0.0
+    num_classes: int = 8
+    rb_margin: float = 0.1
+    init_backbone: str = ""  # a pretraining checkpoint or an insightface backbone.pth, loaded strictly
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.8])  # fractions of epochs
+    gamma: float = 0.1
+    grad_clip: float = 5.0  # 0 disables clipping
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used only with use_gpu
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: once per epoch
+    keep: int = 2
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty: MLFLOW_TRACKING_URI, else a sqlite store under the run dir
+    experiment: str = "ranray"
+
+
+@dataclass
+class TestingConfig:
+    """Test-only hooks; never set in real jobs."""
+
+    fail_at_step: int = -1  # a worker raises once when it reaches this global step
+    fail_rank: int = 0
+    stop_after_steps: int = -1  # end training early after this many steps (smoke runs)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
+    epochs: int = 60
+    batch_size: int = 32  # per worker
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = False
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+        _check(self.model.num_regions >= 2, "model.num_regions", "must be >= 2 (whole face + regions)")
+        _check(0.0 < self.model.crop_frac <= 1.0, "model.crop_frac", "must be in (0, 1]")
+        _check(0.0 <= self.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.model.rb_margin >= 0.0, "model.rb_margin", "must be >= 0")
+        _check(self.optim.lr > 0.0, "optim.lr", "must be > 0")
+        _check(all(0.0 < m < 1.0 for m in self.optim.milestones), "optim.milestones",
+               "must be fractions of the epochs in (0, 1)")
+        _check(self.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        if self.precision == "fp16":
+            _check(self.scaling.use_gpu, "precision", "fp16 needs a GPU (use bf16 on CPU)")
+
+
+@dataclass
+class PrepareConfig:
+    source: Literal["ferplus", "rafdb", "affectnet", "imagefolder", "identity"] = "ferplus"
+    inputs: list[str] = field(default_factory=list)  # source files or folders, per reader
+    out: str = ""
+    label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
+    detector: Literal["hog", "cnn", "given"] = "given"  # given: face crops, no detection
+    subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
+    num_workers: int = 0  # 0: one actor per CPU Ray has
+    batch_size: int = 64
+    rows_per_shard: int = 2048
+    jpeg_quality: int = 95
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _check(bool(self.out), "out", "is required")
+        _check(bool(self.inputs), "inputs", "needs at least one path")
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in 1..100")
+        for flag in self.subset_lists:
+            _check(flag in SUBSETS[1:], f"subset_lists.{flag}", f"must be one of {SUBSETS[1:]}")
+
+
+@dataclass
+class MarginConfig:
+    """Combined margin softmax: s * (cos(m1*theta + m2) - m3)."""
+
+    scale: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5  # ArcFace
+    m3: float = 0.0  # CosFace uses m2=0, m3=0.4
+    easy_margin: bool = False
+
+
+@dataclass
+class PartialFCConfig:
+    sample_rate: float = 1.0  # fraction of negative classes sampled per step; 1 = full softmax
+    embedding_size: int = 512
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: str = "iresnet50"
+    num_classes: int = 0  # 0: from the dataset manifest
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
+    verification_pairs: str = ""  # pairs file: key_a key_b same(0/1)
+    epochs: int = 20
+    batch_size: int = 128
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(0.0 < self.partial_fc.sample_rate <= 1.0, "partial_fc.sample_rate", "must be in (0, 1]")
+        _check(self.num_classes >= 0, "num_classes", "must be >= 0")
+        _check(self.margin.scale > 0, "margin.scale", "must be > 0")
+
+
+@dataclass
+class SearchSpaceConfig:
+    margin_min: float = 0.0
+    margin_max: float = 0.3
+    lr_min: float = 1e-3
+    lr_max: float = 0.3
+    weight_decay: list[float] = field(default_factory=list)  # empty: keep the base value
+    batch_size: list[int] = field(default_factory=list)
+    region_mode: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TuneConfig:
+    name: str = ""
+    storage_path: str = "runs"
+    base_config: str = "jobs/ferplus_ran_r50.yaml"
+    base_overrides: list[str] = field(default_factory=list)
+    space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    num_samples: int = 8
+    searcher: Literal["random"] = "random"
+    use_asha: bool = True
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_epochs: int = 10
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 0  # 0: derived from the cluster's resources
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        s = self.space
+        _check(0.0 <= s.margin_min <= s.margin_max, "space.margin_min",
+               f"needs 0 <= margin_min <= margin_max (got {s.margin_min}, {s.margin_max})")
+        _check(0.0 < s.lr_min <= s.lr_max, "space.lr_min",
+               f"needs 0 < lr_min <= lr_max (got {s.lr_min}, {s.lr_max})")
+        _check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _check(self.grace_period >= 1, "grace_period", "must be >= 1")
+        _check(self.reduction_factor >= 2, "reduction_factor", "must be >= 2")
+        _check(self.max_epochs >= self.grace_period, "max_epochs", "must be >= grace_period")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {why}")
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build `cls` from a YAML file (optional) and `key=value` overrides, then validate it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = from_dict(cls, raw)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    return key, yaml.safe_load(text) if text.strip() else ""
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
+    """Build a dataclass from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return {_coerce(key_tp, k, key): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got a bool")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> scalar, for logging a config as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the config as YAML atomically (temp file, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,28 @@
+"""Shared fixtures: one local Ray instance for the whole session (start-up costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep torch from oversubscribing the 2 cores when Ray runs several workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray, shared by every test that needs one.
+
+    4 logical CPUs on the 2 cores: a 2-worker TorchTrainer plus its driver and a Ray Data
+    actor pool must fit at once. The dashboard stays on: Ray Train's placement-group cleanup
+    and `ray job submit` need it.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
