@@ -1,0 +1,446 @@
+"""The one place that talks to MLflow.
+
+`Tracker` wraps an explicit `MlflowClient` (never the fluent `mlflow.start_run` globals), so a
+Tune parent run and its trial runs can live in one process, and Ray workers need no set-up.
+
+Where runs go:
+    config.uri, else MLFLOW_TRACKING_URI, else `sqlite:///<run_dir>/mlflow.db` (nothing to start).
+    With a sqlite store the experiment's artifacts go beside the database file (`mlartifacts/`),
+    never to `./mlruns` of whatever the working directory happens to be.
+The run directory must be local (or a shared file system): a sqlite store cannot live on s3://.
+
+Tracking never stops training: a server that does not answer at start, or calls that keep
+failing, give one warning and from then on params / metrics / tags go to `<run_dir>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import shlex
+import ssl
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
+                                     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
+
+log = logging.getLogger(__name__)
+
+LOCAL_LOG = "metrics.jsonl"
+RUN_RECORD = "tracking.json"  # the run id of this run dir, so a re-run resumes the same MLflow run
+PARENT_TAG = "mlflow.parentRunId"
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+# After this many failed calls in a row the tracker stops trying, so a dead server costs a
+# bounded stall (each call retries MLFLOW_HTTP_REQUEST_MAX_RETRIES times) instead of one per step.
+MAX_CONSECUTIVE_FAILURES = 2
+# Defaults for a remote server unless the user set them: MLflow's own (7 retries, backoff 2,
+# 120 s timeout) would stall a training step for minutes when the server goes away.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def resolve_tracking_uri(uri: str, run_dir: str | os.PathLike) -> str:
+    """config.uri, else MLFLOW_TRACKING_URI, else a sqlite store in the run directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    return "sqlite:///" + Path(run_dir).resolve().joinpath("mlflow.db").as_posix()
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """Artifacts beside a sqlite database; a server (or other store) decides for itself."""
+    db = _sqlite_path(tracking_uri)
+    return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def ui_command(tracking_uri: str, port: int = 5000) -> str:
+    """What to tell a user to run (or open) to browse the runs."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port {port}"
+
+
+class Tracker:
+    """One MLflow run: start, log, end; a context manager that ends the run FAILED on an exception.
+
+        with Tracker(cfg.tracking, run_dir) as tracker:
+            tracker.start("ferplus-r50", params=flatten(cfg), resume=True)
+            tracker.log_metrics({"train_loss": 0.7}, step=10)
+    """
+
+    def __init__(self, config: Any, run_dir: str | os.PathLike, *, probe_timeout_s: float = 3.0):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = resolve_tracking_uri(getattr(config, "uri", "") or "", self.run_dir)
+        self.experiment = getattr(config, "experiment", "") or "ranray"
+        self.probe_timeout_s = probe_timeout_s
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.local_log = self.run_dir / LOCAL_LOG
+        self._client: MlflowClient | None = None
+        self._offline_reason: str | None = None
+        self._failures = 0
+        self._warned = False
+        self._active = False
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def offline(self) -> bool:
+        return self._offline_reason is not None
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def ui_command(self) -> str:
+        return ui_command(self.tracking_uri)
+
+    # -- run lifecycle --------------------------------------------------------------------------
+
+    def start(self, run_name: str, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
+              run_id: str | None = None, resume: bool = False) -> str:
+        """Start (or resume) the run and log `params`; returns the run id.
+
+        run_id resumes that run; resume=True resumes the run recorded in this run dir by an
+        earlier start (a re-run of the same job); otherwise a new run. Offline, the id is local.
+        """
+        if resume and run_id is None:
+            run_id = self._recorded_run_id()
+        all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        self._connect()
+        self.run_id = self._open_run(run_name, all_tags, run_id)
+        self._active = True
+        if self._client is None and all_tags:
+            self._write_local("tags", all_tags)
+        self._record_run()
+        if params:
+            self.log_params(params)
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if not self._active:
+            return
+        self._active = False
+        self._call("status", {"status": status},
+                   lambda c: c.set_terminated(self.run_id, status=status))
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        values = {_key(k): _param_value(v) for k, v in params.items()}
+        if not self.offline:
+            values = self._new_params(values)
+        items = list(values.items())
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            batch = [Param(k, v) for k, v in chunk]
+            self._call("params", dict(chunk), lambda c, b=batch: c.log_batch(self.run_id, params=b))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        values = {_key(k): _metric_value(v) for k, v in metrics.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        now = int(time.time() * 1000)
+        items = list(values.items())
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            batch = [Metric(k, v, now, step or 0) for k, v in chunk]
+            self._call("metrics", dict(chunk), lambda c, b=batch: c.log_batch(self.run_id, metrics=b),
+                       step=step)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [(_key(k), str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            batch = [RunTag(k, v) for k, v in chunk]
+            self._call("tags", dict(chunk), lambda c, b=batch: c.log_batch(self.run_id, tags=b))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file, or a directory's contents, under `artifact_path` of the run's artifacts."""
+        path = Path(path)
+        record = {"path": str(path.resolve()), "artifact_path": artifact_path}
+        if not path.exists():
+            log.warning("not logging artifact %s: it does not exist", path)
+            return
+        if path.is_dir():
+            self._call("artifact", record,
+                       lambda c: c.log_artifacts(self.run_id, str(path), artifact_path=artifact_path))
+        else:
+            self._call("artifact", record,
+                       lambda c: c.log_artifact(self.run_id, str(path), artifact_path=artifact_path))
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """A JSON artifact (e.g. evaluation results); offline it is written under the run dir."""
+        if self.offline or self._client is None:
+            self._write_local("dict", {"artifact_file": artifact_file, "data": data})
+            return
+        self._call("dict", {"artifact_file": artifact_file},
+                   lambda c: c.log_dict(self.run_id, dict(data), artifact_file))
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._client is not None or self.offline:
+            return
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for key, value in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+            reason = _probe(self.tracking_uri, self.probe_timeout_s)
+            if reason:
+                self._go_offline(f"tracking server {self.tracking_uri} is unreachable ({reason})")
+                return
+        try:
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id = _get_or_create_experiment(client, self.experiment,
+                                                           artifact_location_for(self.tracking_uri))
+        except Exception as exc:  # any store error: training goes on without MLflow
+            self._go_offline(f"MLflow store {self.tracking_uri} failed: {exc!r}")
+            return
+        self._client = client
+
+    def _open_run(self, run_name: str, tags: dict[str, str], run_id: str | None) -> str:
+        if self._client is None:
+            return run_id or f"local-{uuid.uuid4().hex}"
+        if run_id is not None:
+            resumed = self._try(lambda c: _resume_run(c, run_id))
+            if resumed:
+                if tags:
+                    self.set_tags(tags)
+                return run_id
+            log.warning("MLflow run %s not found in %s; starting a new run", run_id, self.tracking_uri)
+        created = self._try(lambda c: c.create_run(self.experiment_id, tags=tags, run_name=run_name))
+        if created is None:
+            self._go_offline(f"could not create a run in {self.tracking_uri}")
+            return run_id or f"local-{uuid.uuid4().hex}"
+        return created.info.run_id
+
+    def _new_params(self, values: dict[str, str]) -> dict[str, str]:
+        """MLflow refuses changing a logged param; a resumed run keeps its first values."""
+        run = self._try(lambda c: c.get_run(self.run_id)) if self._client is not None else None
+        if run is None:
+            return values
+        old = run.data.params
+        changed = sorted(k for k, v in values.items() if k in old and old[k] != v)
+        if changed:
+            log.warning("run %s already has params %s with other values; keeping the logged ones",
+                        self.run_id, changed[:10])
+        return {k: v for k, v in values.items() if k not in old}
+
+    def _call(self, kind: str, data: dict[str, Any], fn: Callable[[MlflowClient], Any],
+              step: int | None = None) -> None:
+        if self.run_id is None:
+            raise RuntimeError("Tracker.start() must be called before logging")
+        if self.offline or self._client is None:
+            self._write_local(kind, data, step)
+            return
+        try:
+            fn(self._client)
+        except Exception as exc:
+            self._failed(exc)
+            self._write_local(kind, data, step)
+            return
+        self._failures = 0
+
+    def _try(self, fn: Callable[[MlflowClient], Any]) -> Any:
+        try:
+            return fn(self._client)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            self._failed(exc)
+        except Exception as exc:
+            self._failed(exc)
+        return None
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("MLflow call to %s failed (%r); keeping records in %s",
+                        self.tracking_uri, exc, self.local_log)
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:
+            self._offline_reason = f"{self._failures} MLflow calls in a row failed, last: {exc!r}"
+
+    def _go_offline(self, reason: str) -> None:
+        self._offline_reason = reason
+        if not self._warned:
+            self._warned = True
+            log.warning("%s; training goes on, params and metrics go to %s", reason, self.local_log)
+
+    def _write_local(self, kind: str, data: Mapping[str, Any], step: int | None = None) -> None:
+        record = {"time": time.time(), "run_id": self.run_id, "kind": kind, "step": step, "data": data}
+        try:
+            with open(self.local_log, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except OSError as exc:  # the last resort failing must still not stop training
+            log.warning("could not write %s: %s", self.local_log, exc)
+
+    def _record_run(self) -> None:
+        record = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment": self.experiment}
+        tmp = self.run_dir / f".{RUN_RECORD}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.run_dir / RUN_RECORD)
+        except OSError as exc:
+            log.warning("could not record the run id in %s: %s", self.run_dir, exc)
+
+    def _recorded_run_id(self) -> str | None:
+        try:
+            record = json.loads((self.run_dir / RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        same_store = record.get("tracking_uri") == self.tracking_uri
+        return record.get("run_id") if same_store else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs back (tests, summaries)
+# ---------------------------------------------------------------------------------------------
+
+
+def find_runs(tracking_uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
+    """Runs of `experiment` (newest first) as plain dicts: run_id, run_name, status, params,
+    metrics (latest values), tags, parent_run_id, artifact_uri. [] when the experiment is absent."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
+                              run_view_type=ViewType.ACTIVE_ONLY, max_results=10000)
+    return [{
+        "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+        "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags),
+        "parent_run_id": r.data.tags.get(PARENT_TAG), "artifact_uri": r.info.artifact_uri,
+    } for r in runs]
+
+
+def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact file of a run, as paths relative to the run's artifact root."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out: list[str] = []
+    for info in client.list_artifacts(run_id, path):
+        out.extend(list_artifacts(tracking_uri, run_id, info.path) if info.is_dir else [info.path])
+    return out
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric, in step order."""
+    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def read_local_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records a tracker kept locally while MLflow was unreachable."""
+    path = Path(run_dir) / LOCAL_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:
+            # Another process (a parallel Tune trial) created it between the two calls.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def _resume_run(client: MlflowClient, run_id: str) -> bool:
+    client.get_run(run_id)
+    client.update_run(run_id, status="RUNNING")
+    return True
+
+
+def _probe(uri: str, timeout_s: float) -> str | None:
+    """None if something answers HTTP at the URI, else why not (fast, no MLflow retries)."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered; an auth proxy in front of /health is still a live server
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return None  # it answered TLS; MLflow has its own certificate settings
+        return str(reason)
+    return None
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return Path(tracking_uri[len(prefix):].split("?", 1)[0])
+
+
+def _key(name: Any) -> str:
+    """A key MLflow accepts: a config key with odd characters must not cost the whole run."""
+    key = _BAD_KEY_CHARS.sub("_", str(name))[:MAX_ENTITY_KEY_LENGTH] or "_"
+    if posixpath.normpath(key) != key or key.startswith("/"):
+        key = key.replace("/", "_")  # MLflow refuses keys that would name another file path
+    return key
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)  # what mlflow.log_param does, so values read the same as elsewhere
+    if len(text) > MAX_PARAM_VAL_LENGTH:
+        text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+    return text
+
+
+def _metric_value(value: Any) -> float | None:
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # a tensor/array of several values is not a metric
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
