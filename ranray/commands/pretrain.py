@@ -1,0 +1,40 @@
+"""`ranray pretrain`: face-recognition pretraining of the backbone (margin softmax, Partial FC).
+
+    ranray pretrain --config jobs/pretrain_r50.yaml [key=value ...]
+    ray job submit --working-dir . -- ranray pretrain --config jobs/pretrain_r50.yaml
+
+The same command with the same run.name resumes that run from its newest good checkpoint (with the
+same scaling.num_workers: each worker's class-centre shard is in the checkpoint). The result,
+RUN_DIR/model/backbone.pt, is what `ranray train model.init_backbone=...` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "pre-train the iResNet backbone on a face-recognition identity set (ArcFace/CosFace, Partial FC)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a pretrain job YAML (PretrainConfig), e.g. jobs/pretrain_r50.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. partial_fc.sample_rate=0.1 margin.m2=0 margin.m3=0.4")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
+    from ranray.config import PretrainConfig, load_config
+    from ranray.train.launch import format_table
+    from ranray.train.pretrain import describe, run_pretraining
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    try:
+        result = run_pretraining(cfg)
+    except TrainingFailedError as err:
+        print(f"ranray pretrain: training failed after {cfg.checkpoint.max_failures} retries: {err}",
+              file=sys.stderr)
+        return 1
+    print(format_table(describe(result)))
+    return 0

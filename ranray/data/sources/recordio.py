@@ -1,0 +1,266 @@
+"""insightface-style MXNet RecordIO (`train.rec` + `train.idx`), read and written without mxnet.
+
+Framing (dmlc-core recordio): every record part is a little-endian uint32 magic 0xced7230a, a
+uint32 `lrec` whose top 3 bits are a continuation flag and low 29 bits the part length, the
+bytes, then zero padding to a 4-byte boundary. A payload that contains the magic at a 4-byte
+aligned offset is split there (flags 1 = first, 2 = middle, 3 = last; 0 = whole record) and the
+reader puts the magic back between parts. `train.idx` is text: "<key>\t<byte offset>\n".
+
+Payload (mxnet.recordio.pack): struct 'IfQQ' header (flag, label, id, id2), 24 bytes; when
+flag > 0 the label is an array of `flag` float32 values placed right after the header (and the
+scalar label field is 0); then the image (JPEG) bytes.
+
+Face-recognition sets (insightface's face2rec / MXFaceDataset): record 0 is a header whose label
+array is [a, b]: images are records 1 .. a-1 (label = identity), and records a .. b-1 are one
+per identity with label [first image, end image). Without such a header every key is an image.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LEN_MASK = (1 << 29) - 1
+IR_FORMAT = "<IfQQ"  # little-endian, no padding: 24 bytes, as mxnet's native 'IfQQ' on x86/arm
+IR_SIZE = struct.calcsize(IR_FORMAT)
+
+
+class RecordIOError(ValueError):
+    """A .rec / .idx pair is malformed (bad magic, truncated record, missing key)."""
+
+
+@dataclass(frozen=True)
+class IRHeader:
+    flag: int
+    label: float | np.ndarray  # a float, or a float32 array when flag > 0
+    id: int = 0
+    id2: int = 0
+
+
+def pack(header: IRHeader, payload: bytes) -> bytes:
+    """mxnet.recordio.pack: scalar labels force flag 0; array labels set flag to their length."""
+    if isinstance(header.label, (int, float, np.floating, np.integer)):
+        return struct.pack(IR_FORMAT, 0, float(header.label), header.id, header.id2) + payload
+    label = np.asarray(header.label, dtype="<f4").ravel()
+    return struct.pack(IR_FORMAT, label.size, 0.0, header.id, header.id2) + label.tobytes() + payload
+
+
+def unpack(record: bytes) -> tuple[IRHeader, bytes]:
+    if len(record) < IR_SIZE:
+        raise RecordIOError(f"record of {len(record)} bytes is shorter than its {IR_SIZE}-byte header")
+    flag, label, id1, id2 = struct.unpack(IR_FORMAT, record[:IR_SIZE])
+    body = record[IR_SIZE:]
+    if flag > 0:
+        if len(body) < 4 * flag:
+            raise RecordIOError(f"record header announces {flag} float labels but has {len(body)} bytes")
+        return IRHeader(flag, np.frombuffer(body, "<f4", flag).copy(), id1, id2), body[4 * flag:]
+    return IRHeader(flag, label, id1, id2), body
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_part(f: BinaryIO, cflag: int, data: bytes) -> None:
+    f.write(_MAGIC_BYTES + struct.pack("<I", (cflag << 29) | len(data)) + data)
+
+
+def write_record(f: BinaryIO, payload: bytes) -> None:
+    """dmlc RecordIOWriter::WriteRecord, byte for byte."""
+    if len(payload) >= 1 << 29:
+        raise RecordIOError("RecordIO records must be shorter than 2^29 bytes")
+    start = 0
+    for i in range(0, len(payload) - len(payload) % 4, 4):
+        if payload[i:i + 4] == _MAGIC_BYTES:
+            _write_part(f, 1 if start == 0 else 2, payload[start:i])
+            start = i + 4
+    _write_part(f, 3 if start else 0, payload[start:])
+    f.write(b"\0" * (-len(payload) % 4))
+
+
+def read_record(f: BinaryIO) -> bytes | None:
+    """The next record's payload, or None at the end of the file."""
+    parts: list[bytes] = []
+    while True:
+        head = f.read(8)
+        if not head and not parts:
+            return None
+        if len(head) < 8:
+            raise RecordIOError(f"truncated record header at byte {f.tell() - len(head)}")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            raise RecordIOError(f"bad magic 0x{magic:08x} at byte {f.tell() - 8} (not a RecordIO file?)")
+        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        data = f.read(length + (-length % 4))[:length]
+        if len(data) < length:
+            raise RecordIOError(f"truncated record at byte {f.tell()}: wanted {length} bytes")
+        parts.append(data)
+        if cflag in (0, 3):
+            return _MAGIC_BYTES.join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexed files
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordIOWriter:
+    """MXIndexedRecordIO(idx, rec, 'w'): `write_idx(key, payload)` appends and indexes a record."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
+        self._rec = open(rec_path, "wb")
+        self._idx = open(idx_path, "w")
+
+    def write_idx(self, key: int, payload: bytes) -> None:
+        self._idx.write(f"{key}\t{self._rec.tell()}\n")
+        write_record(self._rec, payload)
+
+    def close(self) -> None:
+        self._rec.close()
+        self._idx.close()
+
+    def __enter__(self) -> "RecordIOWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class RecordIOSample:
+    key: int  # the record key in train.idx
+    label: int  # identity (the first label value when the label is an array)
+    image: bytes  # encoded image (JPEG)
+
+
+class RecordIOReader:
+    """Random access to a .rec/.idx pair. The file opens lazily per process, so a reader can be
+    pickled into Ray tasks and actors."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
+        self.offsets = self._read_index(self.idx_path)
+        self._file: BinaryIO | None = None
+        self._pid = -1
+        self.header0 = self._identity_header()
+
+    @staticmethod
+    def _read_index(path: Path) -> dict[int, int]:
+        if not path.is_file():
+            raise RecordIOError(f"index file not found: {path}")
+        offsets: dict[int, int] = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    key, pos = line.split("\t")
+                    offsets[int(key)] = int(pos)
+                except ValueError as err:
+                    raise RecordIOError(f"{path}:{n}: expected '<key>\\t<offset>', got {line!r}") from err
+        return offsets
+
+    def _identity_header(self) -> tuple[int, int] | None:
+        if 0 not in self.offsets:
+            return None
+        header, _ = unpack(self.read_idx(0))
+        return (int(header.label[0]), int(header.label[1])) if header.flag > 0 else None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    @property
+    def keys(self) -> list[int]:
+        return sorted(self.offsets)
+
+    @property
+    def image_keys(self) -> list[int]:
+        """Keys of image records (insightface: 1 .. header0[0]-1 when record 0 is a header)."""
+        if self.header0 is None:
+            return self.keys
+        return list(range(1, self.header0[0]))
+
+    @property
+    def num_identities(self) -> int | None:
+        return None if self.header0 is None else self.header0[1] - self.header0[0]
+
+    def identity_range(self, identity: int) -> tuple[int, int]:
+        """[first, end) image keys of an identity, from its identity record."""
+        if self.header0 is None:
+            raise RecordIOError(f"{self.rec_path} has no identity header (record 0)")
+        header, _ = unpack(self.read_idx(self.header0[0] + identity))
+        return int(header.label[0]), int(header.label[1])
+
+    def read_idx(self, key: int) -> bytes:
+        if key not in self.offsets:
+            raise RecordIOError(f"key {key} is not in {self.idx_path}")
+        f = self._handle()
+        f.seek(self.offsets[key])
+        record = read_record(f)
+        if record is None:
+            raise RecordIOError(f"key {key}: offset {self.offsets[key]} is past the end of {self.rec_path}")
+        return record
+
+    def read(self, key: int) -> RecordIOSample:
+        header, image = unpack(self.read_idx(key))
+        label = header.label[0] if header.flag > 0 else header.label
+        return RecordIOSample(key, int(label), image)
+
+    def __len__(self) -> int:
+        return len(self.image_keys)
+
+    def __iter__(self) -> Iterator[RecordIOSample]:
+        return (self.read(k) for k in self.image_keys)
+
+    def _handle(self) -> BinaryIO:
+        # One handle per process: a handle inherited through fork would share its file offset.
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = open(self.rec_path, "rb"), os.getpid()
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_identity_recordio(prefix: str | os.PathLike, samples: Sequence[tuple[int, bytes]]) -> tuple[Path, Path]:
+    """Write `prefix.rec` / `prefix.idx` the way insightface's face2rec lays out a face set.
+
+    samples: (identity, encoded image) pairs; identities must be 0..K-1. Images are grouped by
+    identity (stable), record 0 is the [first identity record, end) header, and one record per
+    identity holds its [first image, end image) keys.
+    """
+    ordered = sorted(samples, key=lambda s: s[0])
+    identities = sorted({label for label, _ in ordered})
+    if identities != list(range(len(identities))):
+        raise ValueError("identities must be 0..K-1 with no gaps")
+    prefix = Path(prefix)
+    rec, idx = prefix.with_suffix(".rec"), prefix.with_suffix(".idx")
+    first_id_key = len(ordered) + 1
+    ranges = _identity_ranges([label for label, _ in ordered])
+    with RecordIOWriter(rec, idx) as w:
+        w.write_idx(0, pack(IRHeader(2, np.array([first_id_key, first_id_key + len(ranges)], "f4")), b""))
+        for key, (label, image) in enumerate(ordered, 1):
+            w.write_idx(key, pack(IRHeader(0, float(label), key, 0), image))
+        for i, (start, end) in enumerate(ranges):
+            w.write_idx(first_id_key + i, pack(IRHeader(2, np.array([start, end], "f4")), b""))
+    return rec, idx
+
+
+def _identity_ranges(sorted_labels: list[int]) -> list[tuple[int, int]]:
+    """[first, end) image keys (1-based records) per identity of grouped labels."""
+    ranges: list[tuple[int, int]] = []
+    for key, label in enumerate(sorted_labels, 1):
+        if label == len(ranges):
+            ranges.append((key, key + 1))
+        else:
+            ranges[-1] = (ranges[-1][0], key + 1)
+    return ranges

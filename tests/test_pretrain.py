@@ -1,0 +1,163 @@
+"""Pretraining end to end on synthetic identities: 2 Ray Train workers (gloo), Partial FC, a fault
+and a resume, verification per epoch, and the backbone hand-over to RAN fine-tuning.
+
+The identity set comes from the synthetic generator (`ranray.data.synth`, identity format) and its
+own source reader; its faces are drawn aligned at 112 px, so the shards are written here directly
+instead of through `ranray prepare`'s dlib alignment (tested in test_prepare).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ranray.cli import main as cli_main
+from ranray.config import ConfigError, ModelConfig, PretrainConfig, load_config
+from ranray.data.schema import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
+from ranray.data.sources.identity import read_identity
+from ranray.data.synth import SynthOptions, synthesize
+from ranray.models import build_ran, create_model
+from ranray.models.partial_fc import shard_range
+from ranray.tracking import metric_history
+from ranray.train.finetune import committed_steps
+from ranray.train.pretrain import BACKBONE_FINAL, MODEL_DIR, preflight
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "pretrain_r50.yaml"
+IDENTITIES, PER_IDENTITY = 30, 8  # 24 train identities (192 images), 6 held out for 200 pairs
+
+
+def _write_shards(root: Path, out: Path) -> Path:
+    """The identity reader's rows as a prepared dataset (JPEG bytes, identity labels)."""
+    read = read_identity([str(root)])
+    splits = {}
+    for split in ("train", "val"):
+        rows = [r for r in read.rows if r.split == split]
+        buf = []
+        for r in rows:
+            jpeg = io.BytesIO()
+            Image.open(r.path).convert("RGB").save(jpeg, "JPEG", quality=92)
+            buf.append({"key": r.key, "image": jpeg.getvalue(), "label": r.label, "target": [], "votes": [],
+                        "landmarks": [], "split": split, "flags": 0, "source": "identity"})
+        (out / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(buf, schema=SHARD_SCHEMA), out / split / "part-00000.parquet",
+                       row_group_size=32)
+        splits[split] = {"rows": len(rows), "per_class": [], "shards": 1}
+    pq.write_table(pa.Table.from_pylist([], schema=REJECT_SCHEMA), out / "rejects.parquet")
+    total = sum(s["rows"] for s in splits.values())
+    (out / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "source": "identity", "num_classes": len(read.class_names),
+        "class_names": read.class_names, "label_mode": "majority", "splits": splits, "rows_in": total,
+        "rows_written": total, "rows_rejected": 0, "rejects_by_reason": {}, "config": {}, "code_version": "test",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat()}))
+    shutil.copyfile(root / "pairs.txt", out / "pairs.txt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("faces")
+    opts = SynthOptions(format="identity", n=IDENTITIES * PER_IDENTITY, per_identity=PER_IDENTITY, seed=3,
+                        occlusion_frac=0.0, large_pose_frac=0.0, pairs=200)
+    synthesize(tmp / "raw", opts)
+    return _write_shards(tmp / "raw", tmp / "prepared")
+
+
+def _overrides(data_dir: Path, storage: Path, **extra: object) -> list[str]:
+    values = {"data.dir": str(data_dir), "run.storage_path": str(storage), "run.name": "pt", "backbone": "iresnet_tiny",
+              "partial_fc.embedding_size": 64, "partial_fc.sample_rate": 0.5, "scaling.num_workers": 2,
+              "scaling.use_gpu": False, "scaling.cpus_per_worker": 1, "data.loader": "torch", "data.num_threads": 0,
+              "optim.milestones": [0.8], "checkpoint.every_n_steps": 4, "checkpoint.max_failures": 1,
+              "epochs": 4, "batch_size": 16, "margin.scale": 32.0, "margin.m2": 0.3, **extra}
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def _config(data_dir: Path, storage: Path, **extra: object) -> PretrainConfig:
+    return load_config(PretrainConfig, JOB, _overrides(data_dir, storage, **extra))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: defined refusals before any worker starts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preflight_takes_classes_and_pairs_from_the_dataset(faces, tmp_path):
+    plan = preflight(_config(faces, tmp_path))
+    assert plan.num_classes == 24 and plan.pairs_file.endswith("pairs.txt")
+
+
+def test_wrong_num_classes_is_refused(faces, tmp_path):
+    with pytest.raises(ConfigError, match="'num_classes' is 100 but .* has 24"):
+        preflight(_config(faces, tmp_path, num_classes=100))
+
+
+def test_pairs_with_unknown_keys_or_missing_file_are_refused(faces, tmp_path):
+    bad = tmp_path / "pairs.txt"
+    bad.write_text("val/id00029/000.png train/id00000/000.png 0\n")
+    with pytest.raises(ConfigError, match="not in split 'val'"):
+        preflight(_config(faces, tmp_path, verification_pairs=str(bad)))
+    with pytest.raises(ConfigError, match="does not exist"):
+        preflight(_config(faces, tmp_path, verification_pairs=str(tmp_path / "nope.txt")))
+
+
+def test_embedding_size_must_match_what_fine_tuning_rebuilds(faces, tmp_path):
+    with pytest.raises(ConfigError, match="embeds in 64"):
+        preflight(_config(faces, tmp_path, **{"partial_fc.embedding_size": 128}))
+
+
+# ---------------------------------------------------------------------------------------------
+# A real run: 2 workers, a fault at step 9, resume from step 8, 4 epochs
+# ---------------------------------------------------------------------------------------------
+
+
+def _events(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(faces, tmp_path_factory, ray_session) -> dict:
+    storage = tmp_path_factory.mktemp("runs")
+    overrides = _overrides(faces, storage, **{"testing.fail_at_step": 9, "testing.fail_rank": 1})
+    assert cli_main(["pretrain", "--config", str(JOB), *overrides]) == 0
+    return {"dir": storage / "pt"}
+
+
+def test_resume_restores_each_rank_shard_and_trains_no_step_twice(run):
+    steps_per_epoch = 192 // (2 * 16)
+    for rank in range(2):
+        log = run["dir"] / "steps" / f"rank{rank}.log"
+        events = _events(log)
+        shards = [e for e in events if e[0] == "shard"]
+        saved = {int(e[1]): e[2] for e in events if e[0] == "saved"}
+        starts = [e for e in events if e[0] == "start"]
+        assert [s[1:] for s in starts] == [["0", "0"], ["1", "8"]]  # a restart from the step-8 checkpoint
+        assert all((int(s[1]), int(s[2])) == shard_range(24, 2, rank) for s in shards)
+        assert shards[1][3] == saved[8] != shards[0][3]  # the restored centres are the ones saved at step 8
+        lineage = [step for step, _, _ in committed_steps(log)]
+        assert lineage == list(range(1, 4 * steps_per_epoch + 1))
+
+
+def test_loss_falls_and_verification_beats_chance(run):
+    record = json.loads((run["dir"] / "tracking.json").read_text())  # the MLflow run of this run dir
+    uri, run_id = record["tracking_uri"], record["run_id"]
+    losses = [v for _, v in metric_history(uri, run_id, "epoch_train_loss")]
+    accuracy = [v for _, v in metric_history(uri, run_id, "verify_accuracy")]
+    assert len(accuracy) >= 4 and losses[-1] < 0.8 * losses[0]
+    assert max(accuracy) > 0.6
+
+
+def test_backbone_hands_over_strictly_to_fine_tuning(run):
+    path = run["dir"] / MODEL_DIR / BACKBONE_FINAL
+    state = torch.load(path, weights_only=True)
+    create_model("iresnet_tiny").load_state_dict(state, strict=True)
+    assert not any(k.startswith("module.") for k in state)
+    ran = build_ran(ModelConfig(backbone="iresnet_tiny", num_classes=8, init_backbone=str(path)))
+    torch.testing.assert_close(ran.backbone.conv1.weight, state["conv1.weight"])
