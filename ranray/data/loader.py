@@ -1,0 +1,485 @@
+"""Per-rank face batches from a prepared split: DALI (CPU or GPU) or torch, one contract.
+
+`build_loader(...)` -> `FaceLoader`; see docs/ARCHITECTURE.md ("Loader"). What the two backends share
+lives here: the epoch plan (ranray.data.shards), the per-sample augmentation parameters (drawn in
+numpy from (seed, epoch, rank, batch), so both backends and a resumed run draw the same ones), the
+landmark transform, bad-input handling and the output dict. DALI only decodes and applies the
+pixel operations (ranray.data.dali_pipeline); the torch path does the same with PIL and torch ops.
+
+Geometry: one affine per sample (flip, rotation, scale about the face centre) warps the image and
+moves the landmarks, so they always agree. Coordinates: images use DALI's/torch's continuous
+convention (pixel i covers [i, i + 1)); landmarks are pixel indices (dlib's convention), so a flip
+maps x to FACE_SIZE - 1 - x, and the 68-point left/right indices swap with FLIP_68.
+
+Bad input: a row whose row group cannot be read, whose bytes are no image, that does not decode or
+is not FACE_SIZE x FACE_SIZE RGB is logged with file and row, counted in `skipped` and left out of
+its batch; the batch count never changes, so ranks stay in step. A batch left empty gets one
+replacement row: the next row of this rank's plan that decodes (a duplicate, visible in `keys`).
+Under DALI, a batch the DALI decoder rejects is redone on the torch path and the pipeline rebuilt.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ranray.config import SUBSETS, AugmentConfig
+from ranray.data.schema import FACE_SIZE, read_manifest
+from ranray.data.shards import (BlockReader, RankPlan, Rows, SplitIndex, build_index, ensure_split,
+                                epoch_order, num_batches, plan_rank)
+
+log = logging.getLogger("ranray.data.loader")
+
+# iBUG 68-point scheme: the index each point takes after a horizontal flip (jaw, brows, nose, eyes,
+# outer and inner lips mirror; the nose bridge and the lips' centre line stay).
+FLIP_68 = np.array(
+    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
+    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
+
+CENTRE = FACE_SIZE / 2.0  # rotation / flip centre in continuous image coordinates
+LUMA = (0.299, 0.587, 0.114)  # the weights DALI's color_twist desaturates with (measured)
+CONTRAST_PIVOT = 128.0  # DALI's color_twist contrast centre for uint8 images (measured)
+SHUFFLE_WINDOW = 8  # row groups mixed together per shuffle window (and cached per rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation parameters (shared by both backends)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample parameters; arrays have the batch as their first axis."""
+
+    flip: np.ndarray  # bool
+    linear: np.ndarray  # (n, 2, 2) forward map about the centre: scale * rotation * flip
+    brightness: np.ndarray
+    contrast: np.ndarray
+    saturation: np.ndarray
+    blur_sigma: np.ndarray  # 0: no blur
+    erase_box: np.ndarray  # (n, 4) y, x, h, w in pixels; h = w = 0: no patch
+    erase_fill: np.ndarray  # (n, 3) RGB of the occluding patch
+
+    def select(self, keep: np.ndarray) -> "AugmentParams":
+        return AugmentParams(**{f: getattr(self, f)[keep] for f in self.__dataclass_fields__})
+
+    def inverse_matrices(self) -> np.ndarray:
+        """(n, 2, 3) destination -> source maps in pixel units (DALI warp_affine's `matrix`)."""
+        inv = np.linalg.inv(self.linear)
+        shift = CENTRE - inv @ np.array([CENTRE, CENTRE])
+        return np.concatenate([inv, shift[:, :, None]], axis=2).astype(np.float32)
+
+    def grid_theta(self) -> torch.Tensor:
+        """(n, 2, 3) for F.affine_grid: the same map in [-1, 1] coordinates (square image, so no shift)."""
+        inv = np.linalg.inv(self.linear)
+        return torch.from_numpy(np.concatenate([inv, np.zeros((len(inv), 2, 1))], axis=2)).float()
+
+
+def sample_augment(cfg: AugmentConfig, n: int, rng: np.random.Generator) -> AugmentParams:
+    """Draw every random number in a fixed order, so switching one augmentation off leaves the others."""
+    flip = rng.random(n) < 0.5
+    angle = np.deg2rad(rng.uniform(-1.0, 1.0, n) * cfg.rotate_deg)
+    scale = rng.uniform(cfg.scale_min, cfg.scale_max, n)
+    jitter = rng.uniform(-1.0, 1.0, (3, n))
+    blur_on, sigma = rng.random(n) < cfg.blur_prob, rng.uniform(0.5, 1.5, n)
+    erase_on, box, fill = rng.random(n) < cfg.erase_prob, _erase_boxes(cfg, n, rng), rng.integers(0, 256, (n, 3))
+    flip &= cfg.flip
+    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+    linear = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1)
+    linear[:, :, 0] *= np.where(flip, -1.0, 1.0)[:, None]  # mirror x before rotating
+    return AugmentParams(
+        flip=flip, linear=linear,
+        brightness=np.maximum(0.0, 1.0 + cfg.brightness * jitter[0]).astype(np.float32),
+        contrast=np.maximum(0.0, 1.0 + cfg.contrast * jitter[1]).astype(np.float32),
+        saturation=np.maximum(0.0, 1.0 + cfg.saturation * jitter[2]).astype(np.float32),
+        blur_sigma=np.where(blur_on, sigma, 0.0).astype(np.float32),
+        erase_box=np.where(erase_on[:, None], box, 0.0).astype(np.float32),
+        erase_fill=fill.astype(np.float32))
+
+
+def _erase_boxes(cfg: AugmentConfig, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random-erasing rectangles: area 2%..erase_max_frac of the face, aspect 0.3..3.3, inside it."""
+    area = rng.uniform(0.02, max(0.02, cfg.erase_max_frac), n) * FACE_SIZE ** 2
+    aspect = np.exp(rng.uniform(math.log(0.3), math.log(3.3), n))
+    h = np.clip(np.round(np.sqrt(area * aspect)), 1, FACE_SIZE)
+    w = np.clip(np.round(np.sqrt(area / aspect)), 1, FACE_SIZE)
+    y = np.floor(rng.random(n) * (FACE_SIZE - h + 1))
+    x = np.floor(rng.random(n) * (FACE_SIZE - w + 1))
+    return np.stack([y, x, h, w], axis=1)
+
+
+def transform_landmarks(landmarks: np.ndarray, params: AugmentParams) -> np.ndarray:
+    """Move (n, 68, 2) pixel-index landmarks with the images' affine; swap left/right on a flip."""
+    pivot = CENTRE - 0.5  # the centre in pixel-index coordinates
+    moved = (landmarks - pivot) @ params.linear.transpose(0, 2, 1) + pivot
+    moved[params.flip] = moved[params.flip][:, FLIP_68]
+    return moved.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the host
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HostBatch:
+    """One batch before pixels: good rows only, their augmentation, and what was skipped."""
+
+    index: int
+    rows: Rows
+    params: AugmentParams | None
+    pixels: np.ndarray | None = None  # (n, H, W, 3) uint8 when decoded on the host (torch path)
+    skipped: list[str] = field(default_factory=list)  # one "file row N (key): reason" per bad row
+
+
+@dataclass
+class BatchSource:
+    """Builds the batches of one rank's epoch; picklable, so torch DataLoader workers can hold one."""
+
+    index: SplitIndex
+    plan: RankPlan
+    augment: AugmentConfig | None
+    seed: int
+    epoch: int
+    rank: int
+    _reader: BlockReader | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}  # each process opens its own files
+
+    @property
+    def reader(self) -> BlockReader:
+        if self._reader is None:
+            self._reader = BlockReader(self.index, cache_blocks=SHUFFLE_WINDOW + 1)
+        return self._reader
+
+    def load(self, i: int, decode: bool) -> HostBatch:
+        """Batch i: read, draw augmentation, drop bad rows (decoding them with PIL if `decode`)."""
+        gids = self.plan.batch(i)
+        rows = self.reader.read(gids)
+        params = self._params(i, len(gids))
+        bad = dict(rows.bad)
+        pixels = decode_rows(rows, bad) if decode else None
+        skipped = [f"{self.index.describe(int(gids[p]))} ({rows.keys[p]}): {why}" for p, why in sorted(bad.items())]
+        keep = np.array([p for p in range(len(gids)) if p not in bad], dtype=np.int64)
+        if len(keep) == 0:
+            return replace(self._replacement(i, params, decode), skipped=skipped)
+        rows = rows.select(keep)
+        params = params.select(keep) if params is not None else None
+        pixels = pixels[keep] if pixels is not None else None
+        return HostBatch(index=i, rows=_with_landmarks(rows, params), params=params, pixels=pixels, skipped=skipped)
+
+    def _params(self, i: int, n: int) -> AugmentParams | None:
+        if self.augment is None:
+            return None
+        return sample_augment(self.augment, n, np.random.default_rng([self.seed, self.epoch, self.rank, i]))
+
+    def _replacement(self, i: int, params: AugmentParams | None, decode: bool) -> HostBatch:
+        """The first row after batch i (wrapping) in this rank's plan that decodes, as a batch of one."""
+        rows_all = self.plan.rows
+        start = int(self.plan.bounds[i + 1])
+        for gid in np.concatenate([rows_all[start:], rows_all[:start]]):
+            rows = self.reader.read(np.asarray([gid]))
+            bad: dict[int, str] = dict(rows.bad)
+            pixels = decode_rows(rows, bad)
+            if not bad:
+                one = params.select(np.array([0])) if params is not None else None
+                return HostBatch(index=i, rows=_with_landmarks(rows, one), params=one,
+                                 pixels=pixels if decode else None)
+        raise RuntimeError(f"no row of rank {self.rank}'s share of {self.index.paths[0].parent} decodes; "
+                           "the prepared split is unusable")
+
+
+def _with_landmarks(rows: Rows, params: AugmentParams | None) -> Rows:
+    if params is not None:
+        rows.landmarks = transform_landmarks(rows.landmarks, params)
+    return rows
+
+
+def decode_rows(rows: Rows, bad: dict[int, str]) -> np.ndarray:
+    """PIL-decode every row not already bad into (n, S, S, 3) uint8; failures are added to `bad`."""
+    out = np.zeros((len(rows.images), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    for p, data in enumerate(rows.images):
+        if p in bad:
+            continue
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as img:
+                arr = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            bad[p] = f"does not decode ({exc})"
+            continue
+        if arr.shape != out.shape[1:]:
+            bad[p] = f"is {arr.shape[1]}x{arr.shape[0]}, not {FACE_SIZE}x{FACE_SIZE}"
+            continue
+        out[p] = arr
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch pixel path (also DALI's fallback for a batch its decoder rejects)
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_pixels(host: HostBatch) -> torch.Tensor:
+    """(n, 3, S, S) float32 normalised, from host-decoded pixels, with the batch's augmentation."""
+    x = torch.from_numpy(host.pixels).permute(0, 3, 1, 2).float()
+    if host.params is not None:
+        x = _augment_torch(x, host.params)
+    return x.sub_(127.5).div_(127.5)
+
+
+def _augment_torch(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """The DALI graph's operations, in its order: warp, blur, erase, colour (0..255 scale, float)."""
+    grid = F.affine_grid(p.grid_theta(), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    for i in np.flatnonzero(p.blur_sigma > 0):
+        x[i] = _blur(x[i], float(p.blur_sigma[i]))
+    for i in np.flatnonzero(p.erase_box[:, 2] > 0):
+        y0, x0, h, w = (int(v) for v in p.erase_box[i])
+        x[i, :, y0:y0 + h, x0:x0 + w] = torch.from_numpy(p.erase_fill[i])[:, None, None]
+    return _colour(x, p)
+
+
+def _colour(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """DALI color_twist's linear map: desaturate towards luma, contrast about 128, brightness.
+
+    Folded into one 3x3 matrix and offset per sample: a single batched matmul over the pixels. Not
+    clamped, like DALI's float output: jittered values may leave 0..255 (so [-1, 1] once normalised)
+    by up to the brightness and contrast factors.
+    """
+    s, c, b = (torch.from_numpy(a).view(-1, 1, 1) for a in (p.saturation, p.contrast, p.brightness))
+    towards_luma = torch.ones(3, 1) * torch.tensor([LUMA])  # every row = luma weights
+    matrix = b * c * (s * torch.eye(3) + (1 - s) * towards_luma)
+    offset = b * (1 - c) * CONTRAST_PIVOT
+    n, ch, h, w = x.shape
+    out = torch.baddbmm(offset.view(n, 1, 1).expand(n, ch, 1), matrix, x.reshape(n, ch, h * w))
+    return out.view(n, ch, h, w)
+
+
+def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian, radius ceil(3 sigma) as DALI's gaussian_blur, mirrored borders."""
+    radius = math.ceil(3 * sigma)
+    d = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-d ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+    y = F.pad(img[None], (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k, groups=3)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.transpose(2, 3), groups=3)[0]
+
+
+class _TorchBatches(torch.utils.data.Dataset):
+    """Item i = the whole batch i (decoded and augmented in a DataLoader worker)."""
+
+    def __init__(self, source: BatchSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source.plan)
+
+    def __getitem__(self, i: int) -> tuple[HostBatch, torch.Tensor]:
+        host = self.source.load(i, decode=True)
+        images = torch_pixels(host)
+        host.pixels, host.rows.images = None, []  # nothing bulky goes back through the worker queue
+        return host, images
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # one core per worker, as DALI's num_threads counts cores
+
+
+def _iter_torch(loader: "FaceLoader", source: BatchSource, start: int) -> Iterator[tuple[HostBatch, torch.Tensor]]:
+    workers = max(0, loader.spec.num_threads)
+    dl = torch.utils.data.DataLoader(
+        _TorchBatches(source), batch_size=None, sampler=range(start, len(source.plan)), num_workers=workers,
+        worker_init_fn=_one_thread if workers else None, prefetch_factor=2 if workers else None,
+        pin_memory=loader.spec.device.type == "cuda")
+    yield from dl
+
+
+def _iter_dali(loader: "FaceLoader", source: BatchSource, start: int) -> Iterator[tuple[HostBatch, torch.Tensor]]:
+    from ranray.data.dali_pipeline import DaliRunner, DaliSpec  # DALI's import costs ~1 s; torch users skip it
+
+    spec = DaliSpec(batch_size=loader.spec.batch_size, num_threads=max(1, loader.spec.num_threads),
+                    device=loader.spec.device, augment=source.augment is not None,
+                    channels_last=loader.spec.channels_last, seed=source.seed)
+
+    def fallback(i: int) -> tuple[HostBatch, torch.Tensor]:
+        host = source.load(i, decode=True)
+        return host, torch_pixels(host)
+
+    batches = (source.load(i, decode=False) for i in range(start, len(source.plan)))
+    yield from DaliRunner(spec, fallback).run(batches)
+
+
+BACKENDS: dict[str, Callable[["FaceLoader", BatchSource, int], Iterator[tuple[HostBatch, torch.Tensor]]]] = {
+    "dali": _iter_dali,
+    "torch": _iter_torch,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    data_dir: Path
+    split: str
+    batch_size: int
+    rank: int
+    world_size: int
+    training: bool
+    augment: AugmentConfig | None  # None: no augmentation (evaluation, or disabled)
+    backend: str
+    device: torch.device
+    num_threads: int
+    channels_last: bool
+    subset: str
+    drop_last: bool
+
+    def validate(self) -> None:
+        checks = {
+            "batch_size must be >= 1": self.batch_size >= 1,
+            "world_size must be >= 1 and 0 <= rank < world_size": 0 <= self.rank < self.world_size,
+            f"backend must be one of {sorted(BACKENDS)}": self.backend in BACKENDS,
+            f"subset must be one of {list(SUBSETS)}": self.subset in SUBSETS,
+            "augment needs 0 < scale_min <= scale_max": self.augment is None
+            or 0 < self.augment.scale_min <= self.augment.scale_max,
+        }
+        failed = [why for why, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"build_loader: {'; '.join(failed)}")
+
+
+class FaceLoader:
+    """Batches of one rank, one epoch at a time; see the module docstring and ARCHITECTURE.md.
+
+    Position: iterating hands out the current epoch's batches from the first one not yet handed
+    out (0 after `set_epoch` to another epoch); an epoch iterated to its end starts over when
+    iterated again. `state_dict()` records (epoch, batches handed out, seed), all a resume needs.
+    """
+
+    def __init__(self, spec: LoaderSpec, index: SplitIndex, seed: int):
+        self.spec = spec
+        self.index = index
+        self.seed = seed
+        self.epoch = 0
+        self.skipped = 0
+        self._consumed = 0  # batches handed out in the current epoch
+
+    def __len__(self) -> int:
+        s = self.spec
+        return num_batches(self.index.num_rows, s.world_size, s.batch_size, s.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at its first batch; the current epoch again keeps a restored position."""
+        if epoch != self.epoch:
+            self.epoch, self._consumed = epoch, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start = self._consumed if self._consumed < len(self) else 0
+        source = self._source()
+        self._consumed = start
+        epoch_skipped = 0
+        for host, images in BACKENDS[self.spec.backend](self, source, start):
+            epoch_skipped += self._report(host)
+            self._consumed += 1
+            yield self._output(host, images)
+        if epoch_skipped:
+            log.warning("rank %d epoch %d: %d bad images skipped (%d in total)", self.spec.rank, self.epoch,
+                        epoch_skipped, self.skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.spec
+        return {"epoch": self.epoch, "batches": self._consumed, "seed": self.seed, "skipped": self.skipped,
+                "world_size": s.world_size, "batch_size": s.batch_size, "drop_last": s.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` was taken: the next iteration starts at its next batch.
+
+        With the same world size, batch size and drop_last the remaining batches are exactly the
+        unseen ones. Otherwise the position is carried over as the fraction of the epoch consumed,
+        which is approximate (a warning says so).
+        """
+        s = self.spec
+        self.seed, self.epoch, self.skipped = int(state["seed"]), int(state["epoch"]), int(state.get("skipped", 0))
+        batches = int(state["batches"])
+        saved = (state.get("world_size"), state.get("batch_size"), state.get("drop_last"))
+        if saved != (s.world_size, s.batch_size, s.drop_last):
+            per_step = int(state["world_size"]) * int(state["batch_size"])
+            batches = min(len(self), round(batches * per_step / (s.world_size * s.batch_size)))
+            log.warning("loader state saved with world_size, batch_size, drop_last = %s, now %s: resuming epoch %d "
+                        "at batch %d, approximately", saved, (s.world_size, s.batch_size, s.drop_last),
+                        self.epoch, batches)
+        self._consumed = batches
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _source(self) -> BatchSource:
+        s = self.spec
+        order = epoch_order(self.index, seed=self.seed, epoch=self.epoch, shuffle=s.training, window=SHUFFLE_WINDOW)
+        plan = plan_rank(order, rank=s.rank, world_size=s.world_size, batch_size=s.batch_size, drop_last=s.drop_last)
+        if plan.padded:
+            log.warning("split '%s' has %d rows for %d ranks: rank %d repeats %d rows to keep batch counts equal",
+                        s.split, self.index.num_rows, s.world_size, s.rank, plan.padded)
+        return BatchSource(index=self.index, plan=plan, augment=s.augment, seed=self.seed, epoch=self.epoch,
+                           rank=s.rank)
+
+    def _report(self, host: HostBatch) -> int:
+        for line in host.skipped:
+            log.warning("bad image skipped: %s", line)
+        self.skipped += len(host.skipped)
+        return len(host.skipped)
+
+    def _output(self, host: HostBatch, images: torch.Tensor) -> dict[str, Any]:
+        dev = self.spec.device
+        blocking = dev.type != "cuda"
+        images = images.to(dev, non_blocking=not blocking)
+        if self.spec.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        rows = host.rows
+        return {
+            "images": images,
+            "labels": torch.from_numpy(rows.labels).to(dev, non_blocking=not blocking),
+            "targets": torch.from_numpy(rows.targets).to(dev, non_blocking=not blocking),
+            "landmarks": torch.from_numpy(rows.landmarks).to(dev, non_blocking=not blocking),
+            "flags": torch.from_numpy(rows.flags).to(dev, non_blocking=not blocking),
+            "keys": list(rows.keys),
+        }
+
+
+def build_loader(data_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, training: bool = False, augment: AugmentConfig | None = None,
+                 backend: str = "dali", device: torch.device | str = torch.device("cpu"), num_threads: int = 2,
+                 channels_last: bool = False, subset: str = "all", drop_last: bool | None = None) -> FaceLoader:
+    """A resumable loader of `split` for this rank (see ARCHITECTURE.md "Loader").
+
+    training: shuffle per epoch and augment; evaluation reads in stored order, unaugmented.
+    augment: used only when training; None means AugmentConfig()'s defaults, `enabled=False` none.
+    num_threads: DALI's CPU threads, or the torch path's DataLoader worker processes.
+    drop_last: None means `training`.
+    """
+    read_manifest(data_dir)  # a clear error for a directory that is not a prepared dataset
+    aug = (augment if augment is not None else AugmentConfig()) if training else None
+    spec = LoaderSpec(
+        data_dir=Path(data_dir), split=split, batch_size=batch_size, rank=rank, world_size=world_size,
+        training=training, augment=aug if aug is not None and aug.enabled else None, backend=backend,
+        device=torch.device(device), num_threads=num_threads, channels_last=channels_last, subset=subset,
+        drop_last=training if drop_last is None else drop_last)
+    spec.validate()
+    index = build_index(data_dir, split, subset)
+    ensure_split(index, data_dir, split)
+    return FaceLoader(spec, index, seed)
