@@ -122,6 +122,7 @@ class TestingConfig:
     fail_at_step: int = -1  # a worker raises once when it reaches this global step
     fail_rank: int = 0
     stop_after_steps: int = -1  # end training early after this many steps (smoke runs)
+    stop_after_trials: int = -1  # tune: interrupt the search (as Ctrl+C would) after this many trials end
 
 
 @dataclass
@@ -244,6 +245,9 @@ class TuneConfig:
     grace_period: int = 2
     reduction_factor: int = 2
     max_epochs: int = 10
+    # ASHA's clock; "epoch" (completed epochs, as the loop reports them) survives a resumed trial,
+    # whose training_iteration restarts at 1.
+    time_attr: Literal["epoch", "training_iteration"] = "epoch"
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     workers_per_trial: int = 1

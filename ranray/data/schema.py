@@ -25,6 +25,9 @@ FLAG_OCCLUSION = 1
 FLAG_POSE30 = 2
 FLAG_POSE45 = 4
 SUBSET_FLAGS = {"occlusion": FLAG_OCCLUSION, "pose30": FLAG_POSE30, "pose45": FLAG_POSE45}
+# Set by prepare (detector "given") when the landmark fit failed its plausibility check and the
+# face was aligned from its box instead (see ranray/data/align.py); such rows are kept, not dropped.
+FLAG_ALIGN_FALLBACK = 8
 
 SHARD_SCHEMA = pa.schema([
     ("key", pa.string()),  # unique source key (file name or csv row), for rejects and pairs files

@@ -1,0 +1,133 @@
+"""RAN forward+backward throughput: all K regions folded into one backbone call vs a Python loop
+over the regions (how the reference RAN code runs), per backbone and precision.
+
+    python bench/model.py                      # CPU: iresnet50 + iresnet_tiny, fp32 + bf16, batch 8, K=6
+    python bench/model.py --gpu                # the same on CUDA, plus fp16
+    python bench/model.py --backbones iresnet18 --precisions bf16 --min-time 20
+
+Folded and looped steps alternate on the same model, so background load hits both alike.
+The table is printed and appended to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import report  # noqa: E402
+
+from ranray.models import RANConfig, RegionAttentionNetwork, region_biased_loss  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def folded_forward(net: RegionAttentionNetwork, images: torch.Tensor):
+    out = net(images)
+    return out.logits, out.mu
+
+
+def loop_forward(net: RegionAttentionNetwork, images: torch.Tensor):
+    """The reference code's shape: one backbone call per region, same crops and head."""
+    crops = net.regions(images)
+    feats = torch.stack([net.backbone(crops[:, k]) for k in range(crops.shape[1])], dim=1)
+    mu, _, p = net.attend(feats)
+    return net.classify(p), mu
+
+
+def step(net, forward, images, labels, precision: str, device: torch.device) -> float:
+    dtype = DTYPES[precision]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    net.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits, mu = forward(net, images)
+    loss = F.cross_entropy(logits, labels) + region_biased_loss(mu, 0.1)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure(backbone: str, precision: str, args, device: torch.device) -> tuple[float, float, int]:
+    torch.manual_seed(0)
+    net = RegionAttentionNetwork(RANConfig(backbone=backbone, num_regions=args.regions)).to(device).train()
+    images = torch.randn(args.batch, 3, 112, 112, device=device)
+    labels = torch.randint(0, 8, (args.batch,), device=device)
+    modes = {"folded": folded_forward, "loop": loop_forward}
+    for _ in range(args.warmup):
+        for fwd in modes.values():
+            step(net, fwd, images, labels, precision, device)
+    spent = {name: 0.0 for name in modes}
+    rounds = 0
+    start = time.perf_counter()
+    while rounds < args.min_steps or (time.perf_counter() - start < args.min_time and rounds < args.max_steps):
+        for name, fwd in modes.items():
+            spent[name] += step(net, fwd, images, labels, precision, device)
+        rounds += 1
+    faces = args.batch * rounds
+    return faces / spent["folded"], faces / spent["loop"], rounds
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="RAN forward+backward throughput: folded regions vs a loop over regions")
+    p.add_argument("--gpu", action="store_true", help="run on CUDA (fp16 added to the precisions)")
+    p.add_argument("--backbones", default="iresnet50,iresnet_tiny")
+    p.add_argument("--precisions", default="", help="default: fp32,bf16 (CPU) or fp32,bf16,fp16 (GPU)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--regions", type=int, default=6)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds; default 1 on CPU, 3 on GPU")
+    p.add_argument("--min-steps", type=int, default=2, help="timed rounds (one folded + one loop step each)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="keep timing rounds until this many seconds; default 8 on CPU, 3 on GPU")
+    p.add_argument("--max-steps", type=int, default=50)
+    args = p.parse_args(argv)
+
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: CUDA is not available on this machine")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    precisions = [s for s in (args.precisions or ("fp32,bf16,fp16" if args.gpu else "fp32,bf16")).split(",") if s]
+    for prec in precisions:
+        if prec not in DTYPES or (prec == "fp16" and not args.gpu):
+            sys.exit(f"precision {prec!r} is not one of {list(DTYPES)} (fp16 needs --gpu)")
+    args.warmup = (3 if args.gpu else 1) if args.warmup is None else args.warmup
+    args.min_time = (3.0 if args.gpu else 8.0) if args.min_time is None else args.min_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.gpu:
+        torch.backends.cudnn.benchmark = True
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for backbone in args.backbones.split(","):
+        for prec in precisions:
+            folded, loop, rounds = measure(backbone, prec, args, device)
+            rows.append([backbone, prec, args.batch, args.regions, round(folded, 2), round(loop, 2),
+                         round(folded / loop, 2), rounds])
+            print(f"{backbone:>12} {prec:>5}: folded {folded:8.2f} faces/s, loop {loop:8.2f} faces/s, "
+                  f"folded/loop {folded / loop:.2f} ({rounds} rounds)", flush=True)
+
+    where = f"GPU {torch.cuda.get_device_name(device)}" if args.gpu else f"CPU, {torch.get_num_threads()} torch threads"
+    notes = (f"Forward+backward (CE + RB loss) of RegionAttentionNetwork in training mode, random 112x112 inputs, "
+             f"fixed regions; {where}; folded = all B*K crops in one backbone call, loop = one call per region. "
+             f"Steps alternate folded/loop; each row times `rounds` steps of each after {args.warmup} "
+             f"warm-up round(s).")
+    notes += f" Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
+    if not args.gpu:
+        notes += (" The CPU is shared with other jobs, so absolute figures are noisy; the ratio is the more "
+                  "stable number. Folding is meant for the GPU; on a CPU the loop may win (cache effects).")
+    report(f"RAN forward+backward, folded vs region loop ({'GPU' if args.gpu else 'CPU'})",
+           ["backbone", "precision", "batch", "K", "folded faces/s", "loop faces/s", "folded/loop", "rounds"],
+           rows, notes)
+
+
+if __name__ == "__main__":
+    main()

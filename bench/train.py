@@ -1,0 +1,101 @@
+"""Training throughput of the real fine-tuning loop: images/s per worker, 1 vs 2 workers,
+small and r50 backbones, fp32 vs bf16.
+
+Each cell is one TorchTrainer run of ranray.train.finetune on a synthetic prepared split
+(tests/shard_fixtures.py faces), stopped after warm-up + measured steps. Rank 0 logs images/s per
+step (the whole group's images over rank 0's step time, data loading included); the table shows
+the median over the measured steps divided by the workers, and the group's total. The load
+average is printed with the table: on a shared machine the figures are lower bounds.
+
+    .venv/bin/python bench/train.py                                 # CPU: tiny + r50, fp32/bf16, 1/2 workers
+    .venv/bin/python bench/train.py --backbones iresnet18 --workers 2 --steps 5
+    .venv/bin/python bench/train.py --gpu --backbones iresnet50 --precisions bf16 --batch 128 --images 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import report  # noqa: E402
+from shard_fixtures import write_dataset  # noqa: E402
+
+from ranray.config import TrainConfig, load_config  # noqa: E402
+from ranray.tracking import metric_history  # noqa: E402
+from ranray.train.launch import run_training  # noqa: E402
+
+
+def cell_config(args: argparse.Namespace, data: Path, storage: Path, backbone: str, precision: str,
+                workers: int) -> TrainConfig:
+    gpu = ["scaling.use_gpu=true", "scaling.gpus_per_worker=1", "data.loader=dali", "data.num_threads=4"]
+    cpu = [f"data.loader={args.loader}", "data.num_threads=0" if args.loader == "torch" else "data.num_threads=1"]
+    return load_config(TrainConfig, None, [
+        f"data.dir={data}", f"run.storage_path={storage}", f"run.name={backbone}-{precision}-{workers}w",
+        f"model.backbone={backbone}", f"model.num_regions={args.regions}", f"precision={precision}",
+        f"batch_size={args.batch}", f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={args.cpus}",
+        "epochs=1", "checkpoint.every_n_steps=0", f"testing.stop_after_steps={args.warmup + args.steps}",
+        "optim.name=sgd", "optim.lr=0.01", *(gpu if args.gpu else cpu)])
+
+
+def measure(cfg: TrainConfig, warmup: int) -> tuple[float, float]:
+    """(images/s per worker, images/s of the group): medians over the steps after warm-up."""
+    result = run_training(cfg)
+    rates = [v for step, v in metric_history(result.tracking_uri, result.mlflow_run_id, "images_per_s")
+             if step > warmup]
+    group = statistics.median(rates)
+    return group / cfg.scaling.num_workers, group
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", default="iresnet_tiny,iresnet50")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--workers", default="1,2", help="worker counts to compare")
+    ap.add_argument("--batch", type=int, default=8, help="faces per worker and step")
+    ap.add_argument("--regions", type=int, default=6, help="K, the whole face included")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per cell")
+    ap.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    ap.add_argument("--images", type=int, default=0, help="training images (default: just enough)")
+    ap.add_argument("--cpus", type=float, default=1.0, help="CPUs (torch threads) per worker")
+    ap.add_argument("--loader", choices=("torch", "dali"), default="torch", help="CPU runs: loader backend")
+    ap.add_argument("--gpu", action="store_true", help="one GPU per worker, DALI mixed decoding")
+    args = ap.parse_args()
+
+    import ray
+
+    workers = [int(w) for w in args.workers.split(",")]
+    per_epoch = max(workers) * args.batch * (args.warmup + args.steps + 1)
+    images = max(args.images, per_epoch)
+    ray.init(include_dashboard=True, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(args.cpus))}})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ranray-bench-train-") as tmp:
+        data = write_dataset(Path(tmp) / "data", {"train": images, "val": max(workers) * args.batch},
+                             rows_per_shard=512, row_group_size=64)
+        for backbone in args.backbones.split(","):
+            for precision in args.precisions.split(","):
+                for n in workers:
+                    started = time.perf_counter()
+                    per_worker, group = measure(cell_config(args, data, Path(tmp) / "runs", backbone, precision, n),
+                                                args.warmup)
+                    rows.append((backbone, precision, n, args.batch, per_worker, group,
+                                 round(time.perf_counter() - started)))
+                    print(rows[-1], flush=True)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    report("Fine-tuning throughput (bench/train.py)",
+           ["backbone", "precision", "workers", "batch/worker", "images/s per worker", "images/s total", "cell s"],
+           rows,
+           notes=f"RAN K={args.regions}, {'GPU, DALI mixed decoding' if args.gpu else f'CPU, {args.loader} loader'}, "
+                 f"{args.cpus:g} CPU per worker, median of {args.steps} steps after {args.warmup} warm-up; "
+                 f"load average during the run {load}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""`ranray evaluate`: accuracy, per-class and subset accuracies and the confusion matrix of a
+trained model on a prepared split, as a table, a JSON file and a PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "evaluate a trained RAN on a prepared split: table, JSON, confusion-matrix PNG"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="model/best.pt or final.pt of a run, a checkpoint folder, or a run directory")
+    parser.add_argument("--data", required=True, help="a prepared dataset (ranray prepare)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--subset", default="all", choices=("all", "occlusion", "pose30", "pose45"),
+                        help="only rows with this flag")
+    parser.add_argument("--out", help="output folder (default: eval_<split> beside the weights)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loader", choices=("torch", "dali"), default="torch")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ranray.data.schema import DatasetError
+    from ranray.train.evaluate import evaluate
+
+    try:
+        report = evaluate(args.checkpoint, args.data, args.split, batch_size=args.batch_size, out_dir=args.out,
+                          backend=args.loader, precision=args.precision, subset=args.subset)
+    except (FileNotFoundError, DatasetError, ValueError) as err:
+        print(f"ranray evaluate: {err}")
+        return 2
+    print(report.table())
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,84 @@
+"""AffectNet: training.csv / validation.csv with the face box and 68 landmarks given per image.
+
+Columns: subDirectory_filePath, face_x, face_y, face_width, face_height, facial_landmarks
+("x;y;x;y;..." 136 values), expression (0..10), valence, arousal. Images live under
+Manually_Annotated_Images/ (or the folder given as an input). Expressions 0..7 map onto CLASS_NAMES
+via CLASS_TABLES["affectnet"]; 8 None, 9 Uncertain and 10 No-Face are rejected with their reason.
+The csv file's name picks the split: training -> train, validation -> val (AffectNet's validation
+set is the test set of the papers; point TrainConfig.data.test_split at "val" to report on it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ranray.config import CLASS_NAMES
+from ranray.data.schema import NUM_LANDMARKS
+from ranray.data.sources.common import (CLASS_TABLES, EXCLUDED_CODES, SourceError, SourceRead, SourceRow,
+                                        one_hot, read_csv, require_dir, require_file)
+
+COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
+           "expression")
+STEM_TO_SPLIT = {"training": "train", "train": "train", "validation": "val", "val": "val", "test": "test"}
+IMAGE_FOLDER = "Manually_Annotated_Images"
+
+
+def resolve(inputs: list[str]) -> tuple[list[Path], Path]:
+    csvs = [require_file(p, "AffectNet csv") for p in inputs if p.lower().endswith(".csv")]
+    folders = [p for p in inputs if not p.lower().endswith(".csv")]
+    if not csvs or len(folders) > 1:
+        raise SourceError(f"affectnet takes one or more csv files and at most one image folder; got {inputs}")
+    images = Path(folders[0]) if folders else csvs[0].parent / IMAGE_FOLDER
+    for p in csvs:
+        if p.stem.lower() not in STEM_TO_SPLIT:
+            raise SourceError(f"{p}: cannot tell the split from the name (expected one of {sorted(STEM_TO_SPLIT)})")
+    return csvs, require_dir(images, "AffectNet image folder")
+
+
+def read_affectnet(inputs: list[str]) -> SourceRead:
+    csvs, folder = resolve(inputs)
+    rows = []
+    for path in csvs:
+        header, body = read_csv(path, COLUMNS)
+        col = {name: header.index(name) for name in COLUMNS}
+        split = STEM_TO_SPLIT[path.stem.lower()]
+        rows += [_row(r, i + 2, path, col, split, folder) for i, r in enumerate(body)]
+    return SourceRead(rows=rows, class_names=list(CLASS_NAMES),
+                      extra={"files": [str(p) for p in csvs], "image_folder": str(folder)})
+
+
+def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, folder: Path) -> SourceRow:
+    def get(name: str) -> str:
+        i = col[name]
+        return r[i].strip() if i < len(r) else ""
+
+    rel = get("subDirectory_filePath")
+    row = SourceRow(key=rel or f"{path.name}:{line}", split=split, path=str(folder / rel))
+    where = f"{path} line {line}"
+    try:
+        code = int(float(get("expression")))
+        x, y, w, h = (float(get(c)) for c in ("face_x", "face_y", "face_width", "face_height"))
+        marks = [float(v) for v in get("facial_landmarks").split(";") if v.strip()]
+    except ValueError as err:
+        row.reason, row.detail = "bad_annotation", f"{where}: {err}"
+        return row
+    excluded = EXCLUDED_CODES["affectnet"]
+    if code in excluded:
+        row.reason, row.detail = excluded[code], f"{where}: expression {code}"
+    elif code not in CLASS_TABLES["affectnet"]:
+        row.reason, row.detail = "bad_label", f"{where}: expression {code}"
+    elif not rel:
+        row.reason, row.detail = "bad_annotation", f"{where}: empty subDirectory_filePath"
+    elif w <= 0 or h <= 0:
+        row.reason, row.detail = "bad_box", f"{where}: face box {x, y, w, h}"
+    else:
+        row.label = CLASS_TABLES["affectnet"][code]
+        row.target = one_hot(row.label)
+        row.box = [x, y, x + w, y + h]
+        # Given landmarks are a fallback for a failed predictor fit; a malformed list is ignored.
+        row.landmarks = marks if len(marks) == 2 * NUM_LANDMARKS else []
+    return row
+
+
+def read(cfg) -> SourceRead:
+    return read_affectnet(cfg.inputs)

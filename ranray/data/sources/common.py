@@ -1,0 +1,160 @@
+"""What every dataset reader produces: uniform SourceRows, plus the shared class-order table.
+
+Readers run in the driver, before Ray starts, so that structural problems (a missing column, a
+missing file, an unknown class folder) stop the job with a message naming the file. Problems of a
+single row (bad votes, an excluded class, a non-face row) never stop it: the row carries a reject
+reason and ends up in rejects.parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from ranray.config import CLASS_NAMES, ConfigError
+
+IMAGE_FILE = "file"  # the row's image is the file at `path`
+IMAGE_PIXELS = "pixels"  # the row's image is `pixels`: space-separated grayscale values (FER2013)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class SourceError(ConfigError):
+    """An input is structurally unusable (missing file or column, unknown class folder).
+
+    A ConfigError, so the CLI reports it in one line before Ray starts.
+    """
+
+
+class RowReject(Exception):
+    """One row cannot be used; it goes to the rejects table with `reason` (machine-readable)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class SourceRow:
+    key: str  # unique within the source; file name or csv row; matched by subset lists
+    split: str
+    label: int = -1  # class index in CLASS_NAMES order (expressions) or identity index
+    target: list[float] = field(default_factory=list)  # per-class distribution; empty: one-hot of label
+    votes: list[int] = field(default_factory=list)  # raw FERPlus votes, or empty
+    image_kind: str = IMAGE_FILE
+    path: str = ""
+    pixels: str = ""
+    box: list[float] = field(default_factory=list)  # given face box x0, y0, x1, y1 (AffectNet)
+    landmarks: list[float] = field(default_factory=list)  # given 68 landmarks, flat (AffectNet)
+    flags: int = 0
+    reason: str = ""  # set by the reader when the row is rejected before alignment
+    detail: str = ""
+
+
+# The Arrow schema of rows travelling from the driver into the Ray Data actors.
+ROW_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.int32()),
+    ("target", pa.list_(pa.float32())),
+    ("votes", pa.list_(pa.int16())),
+    ("image_kind", pa.string()),
+    ("path", pa.string()),
+    ("pixels", pa.string()),
+    ("box", pa.list_(pa.float32())),
+    ("landmarks", pa.list_(pa.float32())),
+    ("flags", pa.int32()),
+])
+
+
+def rows_to_table(rows: list[SourceRow]) -> pa.Table:
+    columns = {name: [getattr(r, name) for r in rows] for name in ROW_SCHEMA.names}
+    return pa.table(columns, schema=ROW_SCHEMA)
+
+
+@dataclass
+class SourceRead:
+    """A reader's output: every input row, each either usable or carrying a reject reason."""
+
+    rows: list[SourceRow]
+    class_names: list[str]  # index -> name; for identity sources, the training identities
+    extra: dict = field(default_factory=dict)  # reader-specific manifest entries
+
+
+# One table maps every dataset's label codes onto CLASS_NAMES (neutral, happiness, surprise,
+# sadness, anger, disgust, fear, contempt). A code missing from a table is excluded with the reason
+# in EXCLUDED_CODES.
+CLASS_TABLES: dict[str, dict[int, int]] = {
+    # RAF-DB basic: 1 Surprise, 2 Fear, 3 Disgust, 4 Happiness, 5 Sadness, 6 Anger, 7 Neutral.
+    "rafdb": {1: 2, 2: 6, 3: 5, 4: 1, 5: 3, 6: 4, 7: 0},
+    # AffectNet: 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 5 Disgust, 6 Anger, 7 Contempt.
+    "affectnet": {0: 0, 1: 1, 2: 3, 3: 2, 4: 6, 5: 5, 6: 4, 7: 7},
+    # FER2013's own 7 labels: 0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral.
+    # FERPlus replaces them by votes; the table is for writing fer2013.csv and for reference.
+    "fer2013": {0: 4, 1: 5, 2: 6, 3: 1, 4: 3, 5: 2, 6: 0},
+}
+EXCLUDED_CODES: dict[str, dict[int, str]] = {
+    "affectnet": {8: "label_none", 9: "label_uncertain", 10: "label_no_face"},
+}
+
+# Folder names accepted for the image-folder source, besides CLASS_NAMES themselves.
+CLASS_SYNONYMS = {
+    "neutral": 0, "happy": 1, "happiness": 1, "surprise": 2, "surprised": 2, "sad": 3, "sadness": 3,
+    "anger": 4, "angry": 4, "disgust": 5, "disgusted": 5, "fear": 6, "fearful": 6, "afraid": 6,
+    "contempt": 7,
+}
+assert all(CLASS_SYNONYMS[name] == i for i, name in enumerate(CLASS_NAMES))
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"{what} not found: {p}")
+    return p
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise SourceError(f"{what} not found or not a folder: {p}")
+    return p
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], Iterator[list[str]]]:
+    """The header and a row iterator; a missing column is an error naming the file and column."""
+    handle = path.open(newline="", encoding="utf-8-sig")
+    reader = csv.reader(handle)
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        handle.close()
+        raise SourceError(f"{path}: missing column(s) {missing} (header: {header})")
+
+    def rows() -> Iterator[list[str]]:
+        with handle:
+            yield from reader
+
+    return header, rows()
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def one_hot(label: int, num_classes: int = len(CLASS_NAMES)) -> list[float]:
+    target = [0.0] * num_classes
+    target[label] = 1.0
+    return target
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """root/{train,val,test}/... when such folders exist, else the whole root as "train"."""
+    found = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+    return found or {"train": root}

@@ -1,0 +1,78 @@
+"""RAF-DB basic: EmoLabel/list_patition_label.txt ("train_00001.jpg 5" per line) + Image/{aligned,original}.
+
+Labels 1..7 (Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral) map onto CLASS_NAMES via
+CLASS_TABLES["rafdb"]; RAF-DB has no contempt. Splits come from the file name prefix (train_ /
+test_); RAF-DB has no validation split. The aligned images (100x100, file names with an
+"_aligned" suffix) suit detector=given; the original photos suit hog or cnn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ranray.config import CLASS_NAMES
+from ranray.data.sources.common import (CLASS_TABLES, SourceError, SourceRead, SourceRow, one_hot,
+                                        require_dir, require_file)
+
+LIST_NAME = "list_patition_label.txt"  # sic: the dataset's own spelling
+PREFIX_TO_SPLIT = {"train": "train", "test": "test"}
+# Which image folder fits which detector when the input is the dataset root.
+IMAGE_FOLDERS = {"given": "aligned", "hog": "original", "cnn": "original"}
+
+
+def resolve(inputs: list[str], detector: str) -> tuple[Path, Path]:
+    """(label list, image folder) from [root], [list file], or [list file, image folder]."""
+    first = Path(inputs[0])
+    if first.is_dir():
+        list_path = require_file(first / "EmoLabel" / LIST_NAME, "RAF-DB label list")
+        root = first
+    else:
+        list_path = require_file(first, "RAF-DB label list")
+        root = list_path.parent.parent  # basic/EmoLabel/<list> -> basic
+    if len(inputs) > 2:
+        raise SourceError(f"rafdb takes the dataset root, or the label list and an image folder; got {inputs}")
+    images = Path(inputs[1]) if len(inputs) == 2 else root / "Image" / IMAGE_FOLDERS[detector]
+    return list_path, require_dir(images, "RAF-DB image folder")
+
+
+def image_path(folder: Path, name: str) -> Path:
+    """The file for a list entry: the aligned set adds '_aligned' before the extension."""
+    plain = folder / name
+    if plain.exists():
+        return plain
+    stem, dot, ext = name.rpartition(".")
+    return folder / f"{stem}_aligned{dot}{ext}"
+
+
+def read_rafdb(inputs: list[str], detector: str = "given") -> SourceRead:
+    list_path, folder = resolve(inputs, detector)
+    table = CLASS_TABLES["rafdb"]
+    rows = []
+    for line_no, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        rows.append(_row(line, line_no, list_path, folder, table))
+    return SourceRead(rows=rows, class_names=list(CLASS_NAMES),
+                      extra={"files": [str(list_path)], "image_folder": str(folder)})
+
+
+def _row(line: str, line_no: int, list_path: Path, folder: Path, table: dict[int, int]) -> SourceRow:
+    parts = line.split()
+    name = parts[0]
+    split = PREFIX_TO_SPLIT.get(name.split("_", 1)[0], "")
+    row = SourceRow(key=name, split=split or "unknown", path=str(image_path(folder, name)))
+    where = f"{list_path} line {line_no}"
+    if len(parts) != 2 or not parts[1].isdigit():
+        row.reason, row.detail = "bad_label", f"{where}: '{line.strip()}'"
+    elif int(parts[1]) not in table:
+        row.reason, row.detail = "bad_label", f"{where}: label {parts[1]} not in 1..7"
+    elif not split:
+        row.reason, row.detail = "bad_split", f"{where}: '{name}' starts with neither train_ nor test_"
+    else:
+        row.label = table[int(parts[1])]
+        row.target = one_hot(row.label)
+    return row
+
+
+def read(cfg) -> SourceRead:
+    return read_rafdb(cfg.inputs, cfg.detector)

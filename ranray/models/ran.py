@@ -1,0 +1,257 @@
+"""Region Attention Network (Wang et al., "Region Attention Networks for Pose and Occlusion Robust
+Facial Expression Recognition", IEEE TIP 2020) on an iResNet backbone.
+
+    images (B,3,H,W) -> K boxes per face (region 0 = whole face) -> bilinear crops (B*K,3,S,S)
+    -> ONE backbone call -> F (B,K,d)
+    -> mu_i = sigmoid(alpha(F_i)),  F_m = sum mu_i F_i / sum mu_i            (self-attention)
+    -> nu_i = sigmoid(beta([F_i;F_m])), P = sum mu_i nu_i [F_i;F_m] / sum mu_i nu_i  (relation-attention)
+    -> logits = classifier(dropout(P))
+
+Boxes are normalised (x0, y0, x1, y1) in [0, 1] of the image. Region modes live in REGION_MODES:
+
+- fixed: the paper's fixed-position cropping as we read it: top-left, top-right and centre-bottom
+  squares of side `crop_frac` (0.75 in the paper; ModelConfig's default is 0.6), then two centred
+  crops at 0.9 and 0.85 of the face. K <= 6 takes the first K-1 of these in that order.
+- landmark: squares of side `crop_frac` centred on 68-point landmark groups (image-left eye,
+  image-right eye, nose tip, mouth, brows, the two mouth corners, chin), moved inside the image;
+  K <= 9 takes the first K-1. Landmarks are (x, y) in the input image's pixels, pixel centres at
+  integer coordinates (dlib's convention).
+- random: during training, per face and region, a square of side crop_frac * U(0.8, 1.2) at a
+  uniform position inside the image; in eval mode the fixed boxes, so K <= 6.
+
+Batch folding changes one thing against the reference code's loop over regions: in training mode
+the backbone's BatchNorm sees statistics over all B*K crops together instead of per region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranray.models.iresnet import load_backbone_state
+from ranray.models.registry import create_model
+
+if TYPE_CHECKING:
+    from ranray.config import ModelConfig
+
+
+@dataclass
+class RANConfig:
+    backbone: str = "iresnet50"
+    num_regions: int = 6  # K, the whole face included
+    region_mode: str = "fixed"
+    crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
+    dropout: float = 0.0
+    num_classes: int = 8
+    input_size: int = 112  # backbone input side; every region is resampled to it
+
+    def __post_init__(self) -> None:
+        mode = REGION_MODES.get(self.region_mode)
+        if mode is None:
+            raise ValueError(f"unknown region_mode '{self.region_mode}'; known: {', '.join(sorted(REGION_MODES))}")
+        if not 2 <= self.num_regions <= mode.max_regions:
+            raise ValueError(f"region_mode '{self.region_mode}' supports num_regions in 2..{mode.max_regions} "
+                             f"(whole face included), got {self.num_regions}")
+        if not 0.0 < self.crop_frac <= 1.0:
+            raise ValueError(f"crop_frac must be in (0, 1], got {self.crop_frac}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 1 or self.input_size < 1:
+            raise ValueError(f"num_classes and input_size must be >= 1, got {self.num_classes}, {self.input_size}")
+
+
+class RANOutput(NamedTuple):
+    logits: torch.Tensor  # (B, C) float32
+    mu: torch.Tensor  # (B, K) self-attention weights, region 0 the whole face
+    nu: torch.Tensor  # (B, K) relation-attention weights
+    features: torch.Tensor  # (B, 2d) P_RAN
+
+
+# ---------------------------------------------------------------------------------------------
+# Region modes: each returns the K-1 part boxes (B, K-1, 4); the whole face is added in front.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionMode:
+    boxes: Callable[["RegionAttentionNetwork", torch.Tensor, torch.Tensor | None], torch.Tensor]
+    max_regions: int  # K, whole face included
+
+
+def fixed_layout(crop_frac: float) -> torch.Tensor:
+    c = crop_frac
+    return torch.tensor([
+        [0.0, 0.0, c, c],  # top-left
+        [1.0 - c, 0.0, 1.0, c],  # top-right
+        [(1.0 - c) / 2, 1.0 - c, (1.0 + c) / 2, 1.0],  # centre-bottom
+        [0.05, 0.05, 0.95, 0.95],  # centred, 0.9 of the face
+        [0.075, 0.075, 0.925, 0.925],  # centred, 0.85 of the face
+    ])
+
+
+# 68-point (iBUG / dlib) index groups; a region is centred on the mean of its group.
+LANDMARK_GROUPS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("eye_image_left", tuple(range(36, 42))),
+    ("eye_image_right", tuple(range(42, 48))),
+    ("nose_tip", tuple(range(30, 36))),
+    ("mouth", tuple(range(48, 68))),
+    ("brows", tuple(range(17, 27))),
+    ("mouth_corner_image_left", (48,)),
+    ("mouth_corner_image_right", (54,)),
+    ("chin", (8,)),
+)
+
+
+def landmark_weights() -> torch.Tensor:
+    """(G, 68) averaging matrix: one matmul turns (B, 68, 2) landmarks into (B, G, 2) group centres."""
+    w = torch.zeros(len(LANDMARK_GROUPS), 68)
+    for g, (_, idx) in enumerate(LANDMARK_GROUPS):
+        w[g, list(idx)] = 1.0 / len(idx)
+    return w
+
+
+def square_boxes(centres: torch.Tensor, side: torch.Tensor | float) -> torch.Tensor:
+    """(..., 2) normalised centres -> (..., 4) boxes of the given side, shifted to lie inside [0, 1]."""
+    side = torch.as_tensor(side, dtype=centres.dtype, device=centres.device).expand(centres.shape[:-1])
+    lo = torch.minimum(torch.clamp(centres - side[..., None] / 2, min=0.0), 1.0 - side[..., None])
+    return torch.cat([lo, lo + side[..., None]], dim=-1)
+
+
+def _fixed_boxes(net: "RegionAttentionNetwork", images: torch.Tensor,
+                 landmarks: torch.Tensor | None) -> torch.Tensor:
+    k = net.cfg.num_regions - 1
+    return net.fixed_boxes[:k].expand(images.shape[0], k, 4)
+
+
+def _landmark_boxes(net: "RegionAttentionNetwork", images: torch.Tensor,
+                    landmarks: torch.Tensor | None) -> torch.Tensor:
+    if landmarks is None:
+        raise ValueError("region_mode 'landmark' needs landmarks of shape (B, 68, 2) in image pixels; got none")
+    h, w = images.shape[-2:]
+    centres = net.landmark_weights[: net.cfg.num_regions - 1] @ landmarks.float() + 0.5
+    centres = torch.stack([centres[..., 0] / w, centres[..., 1] / h], dim=-1)
+    return square_boxes(centres, net.cfg.crop_frac)
+
+
+def _random_boxes(net: "RegionAttentionNetwork", images: torch.Tensor,
+                  landmarks: torch.Tensor | None) -> torch.Tensor:
+    if not net.training:
+        return _fixed_boxes(net, images, landmarks)
+    b, k = images.shape[0], net.cfg.num_regions - 1
+    u = torch.rand(b, k, 3, device=images.device)
+    side = (net.cfg.crop_frac * (0.8 + 0.4 * u[..., 0])).clamp(max=1.0)
+    lo = u[..., 1:] * (1.0 - side[..., None])
+    return torch.cat([lo, lo + side[..., None]], dim=-1)
+
+
+REGION_MODES: dict[str, RegionMode] = {
+    "fixed": RegionMode(_fixed_boxes, max_regions=1 + 5),
+    "landmark": RegionMode(_landmark_boxes, max_regions=1 + len(LANDMARK_GROUPS)),
+    "random": RegionMode(_random_boxes, max_regions=1 + 5),  # eval falls back to the fixed boxes
+}
+
+
+def crop_regions(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crops: images (B,C,H,W), boxes (B,K,4) normalised -> (B,K,C,size,size).
+
+    All K grids are stacked along the grid's height so one grid_sample reads each image once,
+    without materialising K copies of it. With align_corners=False a [0,0,1,1] box at H == size
+    samples exactly the pixel centres, i.e. returns the image unchanged.
+    """
+    b, k = boxes.shape[:2]
+    t = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size
+    x = boxes[..., 0:1] + t * (boxes[..., 2:3] - boxes[..., 0:1])  # (B, K, S)
+    y = boxes[..., 1:2] + t * (boxes[..., 3:4] - boxes[..., 1:2])
+    grid = torch.stack(torch.broadcast_tensors(x[:, :, None, :], y[:, :, :, None]), dim=-1)  # (B,K,S,S,2)
+    grid = (grid * 2.0 - 1.0).reshape(b, k * size, size, 2)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(b, images.shape[1], k, size, size).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+
+
+class RegionAttentionNetwork(nn.Module):
+    def __init__(self, cfg: RANConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else create_model(cfg.backbone)
+        d = getattr(self.backbone, "embedding_size", None)
+        if not isinstance(d, int):
+            raise ValueError(f"backbone {type(self.backbone).__name__} has no integer .embedding_size")
+        self.alpha = nn.Linear(d, 1)  # self-attention head
+        self.beta = nn.Linear(2 * d, 1)  # relation-attention head
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(2 * d, cfg.num_classes)
+        self.region_mode = REGION_MODES[cfg.region_mode]
+        # Non-persistent: derived from the config, so checkpoints stay plain weights; buffers so
+        # that they follow .to(device) and no step copies boxes from the host.
+        self.register_buffer("fixed_boxes", fixed_layout(cfg.crop_frac), persistent=False)
+        self.register_buffer("landmark_weights", landmark_weights(), persistent=False)
+        self.register_buffer("whole_face_box", torch.tensor([[0.0, 0.0, 1.0, 1.0]]), persistent=False)
+
+    def region_boxes(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, 4) normalised boxes, the whole face first."""
+        parts = self.region_mode.boxes(self, images, landmarks)
+        whole = self.whole_face_box.expand(images.shape[0], 1, 4)
+        return torch.cat([whole, parts.float()], dim=1)
+
+    def regions(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, 3, S, S) crops in float32, resampled to the backbone's input size."""
+        self._check_inputs(images, landmarks)
+        with torch.autocast(images.device.type, enabled=False):
+            return crop_regions(images.float(), self.region_boxes(images, landmarks), self.cfg.input_size)
+
+    def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Region features (B, K, d) -> mu (B, K), nu (B, K), P_RAN (B, 2d), all float32."""
+        with torch.autocast(features.device.type, enabled=False):
+            f = features.float()
+            mu = torch.sigmoid(self.alpha(f)).squeeze(-1)
+            f_m = (mu[..., None] * f).sum(1) / mu.sum(1, keepdim=True)
+            fc = torch.cat([f, f_m[:, None, :].expand_as(f)], dim=-1)  # [F_i ; F_m]
+            nu = torch.sigmoid(self.beta(fc)).squeeze(-1)
+            w = mu * nu
+            p = (w[..., None] * fc).sum(1) / w.sum(1, keepdim=True)
+        return mu, nu, p
+
+    def classify(self, p: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(p.device.type, enabled=False):
+            return self.classifier(self.dropout(p.float()))
+
+    def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> RANOutput:
+        crops = self.regions(images, landmarks)
+        b, k = crops.shape[:2]
+        feats = self.backbone(crops.flatten(0, 1)).view(b, k, -1)
+        mu, nu, p = self.attend(feats)
+        return RANOutput(self.classify(p), mu, nu, p)
+
+    def _check_inputs(self, images: torch.Tensor, landmarks: torch.Tensor | None) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        b, c, h, w = images.shape
+        if c != 3:
+            raise ValueError(f"images must have 3 channels (RGB), got {c} in shape {tuple(images.shape)}")
+        if h != w or h < self.cfg.input_size:
+            raise ValueError(f"images must be square and at least {self.cfg.input_size}x{self.cfg.input_size} "
+                             f"(aligned faces), got {h}x{w}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be normalised floats, got {images.dtype}")
+        if landmarks is not None and tuple(landmarks.shape) != (b, 68, 2):
+            raise ValueError(f"landmarks must be ({b}, 68, 2) pixel coordinates, got {tuple(landmarks.shape)}")
+
+
+def build_ran(model_cfg: "ModelConfig") -> RegionAttentionNetwork:
+    """The RAN a job config asks for; `init_backbone` (if set) is loaded strictly into the backbone."""
+    cfg = RANConfig(backbone=model_cfg.backbone, num_regions=model_cfg.num_regions,
+                    region_mode=model_cfg.region_mode, crop_frac=model_cfg.crop_frac,
+                    dropout=model_cfg.dropout, num_classes=model_cfg.num_classes)
+    model = RegionAttentionNetwork(cfg)
+    if model_cfg.init_backbone:
+        load_backbone_state(model.backbone, model_cfg.init_backbone)
+    return model

@@ -1,0 +1,260 @@
+"""Launch code for fine-tuning: a TorchTrainer from a TrainConfig, kept apart from the loop.
+
+    preflight(cfg)        every check that can fail without Ray: data dir, splits, subset rows,
+                          classes, the model and a strict load of model.init_backbone
+    build_trainer(cfg)    the TorchTrainer (ScalingConfig, RunConfig with a deterministic name and
+                          storage_path, CheckpointConfig, FailureConfig); Tune's trial calls this
+    run_training(cfg)     preflight, ray.init if needed, the MLflow run, fit, the exported model
+
+A run lives in `storage_path/run_name` (the run directory): Ray's checkpoint_* folders and
+snapshot, plus ours: config.yaml, model/{best,final}.pt, plots/, steps/, the MLflow store.
+Running the same command with the same run.name resumes that run from its newest good checkpoint
+(Ray Train V2 reloads the run's checkpoint snapshot from `storage_path/name`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ranray.config import ConfigError, TrainConfig, flatten, save_config, to_dict
+
+log = logging.getLogger("ranray.train")
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainingResult:
+    run_name: str
+    run_dir: Path
+    metrics: dict[str, Any]  # rank 0's last report (the final epoch's)
+    checkpoint: str | None  # the newest Ray checkpoint
+    final_model: Path | None
+    best_model: Path | None
+    tracking_uri: str
+    mlflow_run_id: str | None
+    ui_command: str
+    elapsed_s: float
+    resumed: bool = False
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and places
+# ---------------------------------------------------------------------------------------------
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_run_name(cfg: TrainConfig) -> str:
+    return cfg.run.name or time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def resolve_storage_path(cfg: TrainConfig) -> str:
+    """Ray wants an absolute local path or a URI (s3://, gs://, ...)."""
+    path = cfg.run.storage_path or "runs"
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def run_dir_for(storage_path: str, run_name: str) -> Path:
+    """Where the workers write side files: Ray's run folder, or with URI storage (where a sqlite
+    MLflow store cannot live) a local ./runs/<name>."""
+    return (Path("runs").resolve() if is_uri(storage_path) else Path(storage_path)) / run_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before Ray starts
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: TrainConfig) -> dict[str, Any]:
+    """Refuse, with the config key in the message, whatever would fail later inside the workers.
+
+    Returns the dataset manifest. Costs a model build (a second for r50) and reading the flags
+    column when a subset is asked for; no Ray.
+    """
+    manifest = _check_data(cfg)
+    _check_model(cfg)
+    return manifest
+
+
+def _check_data(cfg: TrainConfig) -> dict[str, Any]:
+    from ranray.data.schema import DatasetError, read_manifest
+    from ranray.data.shards import build_index
+
+    if not cfg.data.dir:
+        raise ConfigError("config key 'data.dir' is required: a dataset written by `ranray prepare`")
+    if not Path(cfg.data.dir).is_dir():
+        raise ConfigError(f"config key 'data.dir': {cfg.data.dir} does not exist")
+    try:
+        manifest = read_manifest(cfg.data.dir)
+        subset = cfg.data.train_subset
+        flagged = f" flagged '{subset}' (data.train_subset)" if subset != "all" else ""
+        for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+            rows = build_index(cfg.data.dir, split, subset).num_rows
+            if rows == 0:
+                raise ConfigError(f"config key '{key}': split '{split}' of {cfg.data.dir} has no rows{flagged}")
+            per_step = cfg.scaling.num_workers * cfg.batch_size
+            if key == "data.train_split" and rows < per_step:
+                raise ConfigError(f"config key 'batch_size': {cfg.scaling.num_workers} workers x {cfg.batch_size} "
+                                  f"need {per_step} rows per step, split '{split}' has {rows}{flagged}")
+    except DatasetError as exc:
+        raise ConfigError(f"config key 'data.dir': {exc}") from exc
+    if manifest.get("num_classes") != cfg.model.num_classes:
+        raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but {cfg.data.dir} has "
+                          f"{manifest.get('num_classes')} classes")
+    if cfg.data.label_mode != "majority" and manifest.get("label_mode") not in (cfg.data.label_mode, None):
+        log.warning("data.label_mode=%s but %s was prepared with label_mode=%s; its targets are used as stored",
+                    cfg.data.label_mode, cfg.data.dir, manifest.get("label_mode"))
+    return manifest
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    from ranray.models import build_ran
+
+    try:
+        build_ran(cfg.model)  # also loads model.init_backbone strictly
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config key 'model.init_backbone': {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"config key '{_model_key(cfg, str(exc))}': {exc}") from exc
+
+
+def _model_key(cfg: TrainConfig, message: str) -> str:
+    """The ModelConfig key a model-building error is about (the errors name their subject)."""
+    if cfg.model.init_backbone and "backbone checkpoint" in message:
+        return "model.init_backbone"
+    if "unknown model" in message:
+        return "model.backbone"
+    return next((f"model.{k}" for k in ("region_mode", "num_regions", "crop_frac", "dropout") if k in message),
+                "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def build_trainer(cfg: TrainConfig, *, run_name: str | None = None, storage_path: str | None = None,
+                  callbacks: Sequence[Any] = (), tracking_run_id: str | None = None,
+                  parent_run_id: str | None = None):
+    """The TorchTrainer that runs `train_func_per_worker` for `cfg`.
+
+    run_name: Ray's RunConfig name (default: cfg.run.name, else a timestamp); deterministic names
+        resume: a trainer with the name and storage of an earlier run continues its checkpoints.
+    storage_path: default cfg.run.storage_path (made absolute).
+    callbacks: Ray Train UserCallbacks, e.g. Tune's TuneReportCallback.
+    tracking_run_id: an MLflow run that rank 0 logs into (its owner ends it); otherwise rank 0
+        starts or resumes the run of this run directory itself, as a child of `parent_run_id`.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ranray.train.finetune import train_func_per_worker
+
+    name = run_name or resolve_run_name(cfg)
+    storage = storage_path or resolve_storage_path(cfg)
+    run_dir = run_dir_for(storage, name)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    return TorchTrainer(
+        train_func_per_worker,
+        train_loop_config={"train": to_dict(cfg), "run_name": name, "run_dir": str(run_dir),
+                           "tracking_run_id": tracking_run_id, "parent_run_id": parent_run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=list(callbacks) or None),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
+# ---------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: TrainConfig, *, run_name: str | None = None) -> TrainingResult:
+    """Check, start Ray if needed, train, and return where everything is."""
+    from ranray.tracking import Tracker
+
+    preflight(cfg)
+    name = run_name or resolve_run_name(cfg)
+    run_dir = run_dir_for(resolve_storage_path(cfg), name)
+    final = run_dir / "model" / "final.pt"
+    if final.exists():
+        raise ConfigError(f"run '{name}' already finished ({final}); set run.name to start a new run")
+    resumed = (run_dir / CONFIG_FILE).exists()
+    _record_config(cfg, run_dir, resumed)
+    _ensure_ray()
+    tracker = Tracker(cfg.tracking, run_dir)
+    run_id = tracker.start(name, params=flatten(cfg), tags={"job": "train", "train_subset": cfg.data.train_subset},
+                           resume=True)
+    tracker.log_artifact(run_dir / CONFIG_FILE)
+    started = time.perf_counter()
+    with tracker:  # FAILED if fit raises (workers out of retries), else FINISHED
+        result = build_trainer(cfg, run_name=name, tracking_run_id=run_id).fit()
+    artifacts = {key: path for key, path in (
+        ("config", run_dir / CONFIG_FILE), ("final_model", final), ("best_model", run_dir / "model" / "best.pt"),
+        ("confusion", run_dir / "plots" / "confusion_val.png"),
+        ("attention", run_dir / "plots" / "attention_faces.png")) if path.exists()}
+    return TrainingResult(
+        run_name=name, run_dir=run_dir, metrics=dict(result.metrics or {}),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        final_model=artifacts.get("final_model"), best_model=artifacts.get("best_model"),
+        tracking_uri=tracker.tracking_uri, mlflow_run_id=run_id, ui_command=tracker.ui_command(),
+        elapsed_s=time.perf_counter() - started, resumed=resumed, artifacts=artifacts)
+
+
+def _record_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
+    path = run_dir / CONFIG_FILE
+    if resumed:
+        old = flatten(yaml.safe_load(path.read_text()) or {})
+        changed = sorted(k for k, v in flatten(cfg).items() if old.get(k, v) != v)
+        log.warning("resuming run %s from its newest checkpoint%s", run_dir.name,
+                    f"; changed config keys: {', '.join(changed)}" if changed else "")
+    save_config(cfg, path)
+
+
+def _ensure_ray() -> None:
+    """Connect to RAY_ADDRESS (a cluster, `ray job submit`) or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+
+
+def describe(result: TrainingResult) -> list[tuple[str, str]]:
+    """Rows of the summary table `ranray train` prints."""
+    m = result.metrics
+    rows = [("run", result.run_name + (" (resumed)" if result.resumed else "")),
+            ("epochs / steps", f"{m.get('epoch', '?')} / {m.get('step', '?')}"),
+            ("val accuracy (last / best)", f"{m.get('val_accuracy', float('nan')):.4f} / "
+                                           f"{m.get('best_val_accuracy', float('nan')):.4f}")]
+    rows += [(f"val accuracy, {k[len('val_acc_'):]}", f"{v:.4f}") for k, v in m.items()
+             if k in ("val_acc_occlusion", "val_acc_pose30", "val_acc_pose45")]
+    rows += [("train loss", f"{m.get('train_loss', float('nan')):.4f}"),
+             ("throughput", f"{m.get('images_per_s', float('nan')):.1f} images/s"),
+             ("time", f"{result.elapsed_s:.0f} s"), ("run dir", str(result.run_dir))]
+    rows += [(key.replace("_", " "), str(path)) for key, path in result.artifacts.items()]
+    rows += [("MLflow run", f"{result.mlflow_run_id} in {result.tracking_uri}"), ("MLflow UI", result.ui_command)]
+    return rows
+
+
+def format_table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+

@@ -1,0 +1,180 @@
+"""Fine-tuning jobs on a real multi-node cluster (cluster/local.sh: head + 3 worker nodes of one
+CPU each), submitted with the real `ray job submit`, and what happens when parts of it die:
+
+- a failure-free run is the reference (and its checkpoints and MLflow run are checked);
+- a worker node is hard-killed (its raylet SIGKILLed, the rest of the node with it) mid-run: the
+  job still finishes, with the reference's final step count and the reference's steps, each
+  applied once, and its log shows the restart from the checkpoint;
+- the job's driver is SIGKILLed mid-run: the job fails; submitting the same job again (same
+  run.name) resumes from the last checkpoint and ends where the reference ends.
+
+"Each step once" is read from the per-rank steps logs the training loop keeps (finetune.StepsLog):
+a restart at step S drops what the log holds after S, and what is left must be 1..N, on the same
+batches as the reference's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from cluster_utils import LocalCluster, proc_stat
+from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset
+
+from ranray.tracking import find_runs
+from ranray.train.finetune import committed_steps
+
+WORKERS = 2
+BATCH = 8
+EPOCHS = 2
+STEPS_PER_EPOCH = SPLITS["train"] // (WORKERS * BATCH)  # drop_last: every rank the same batches
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+CHECKPOINT_EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Three one-CPU worker nodes for a two-worker group: a lost node leaves room for the restart.
+    with LocalCluster.up(workers=3) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def train_entry(data_dir: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """`ranray train` with the tiny test config (the nodes share this machine's disk)."""
+    return ["ranray", "train",
+            f"data.dir={data_dir}", f"run.storage_path={storage}", f"run.name={name}",
+            "data.loader=torch", "data.num_threads=0", "data.augment.enabled=false",
+            "model.backbone=iresnet_tiny", f"model.num_classes={NUM_CLASSES}", "model.num_regions=3",
+            "optim.name=adamw", "optim.lr=0.003", "optim.schedule=cosine", "optim.weight_decay=0.0",
+            f"epochs={EPOCHS}", f"batch_size={BATCH}", "precision=bf16",
+            f"scaling.num_workers={WORKERS}", f"checkpoint.every_n_steps={CHECKPOINT_EVERY}",
+            "checkpoint.keep=2", "tracking.experiment=ranray-cluster-test", *extra]
+
+
+def lineages(run_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
+    return {rank: committed_steps(run_dir / "steps" / f"rank{rank}.log") for rank in range(WORKERS)}
+
+
+def starts(run_dir: Path) -> list[tuple[int, int]]:
+    """(generation, resume step) of every start of rank 0's worker."""
+    lines = (run_dir / "steps" / "rank0.log").read_text().splitlines()
+    return [(int(f[1]), int(f[2])) for f in (line.split() for line in lines) if f[0] == "start"]
+
+
+def last_step(run_dir: Path) -> int:
+    log = run_dir / "steps" / "rank0.log"
+    if not log.exists():
+        return 0
+    steps = [int(line.split()[1]) for line in log.read_text().splitlines() if line.startswith("step ")]
+    return steps[-1] if steps else 0
+
+
+def wait_for_step(cluster: LocalCluster, sid: str, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run_dir) < step:
+        status = cluster.job_info(sid)["status"]
+        assert status in ("PENDING", "RUNNING"), f"job {sid} is {status} before step {step}:\n" + \
+            cluster.job_logs(sid)[-3000:]
+        assert time.monotonic() < deadline, f"job {sid} did not reach step {step} in {timeout}s"
+        cluster.snapshot()
+        time.sleep(0.5)
+
+
+def processes_named(cluster: LocalCluster, prefix: str) -> dict[str, list[int]]:
+    """Node name -> pids whose process title starts with `prefix` (Ray sets titles like
+    `ray::RayTrainWorker...`)."""
+    found: dict[str, list[int]] = {}
+    for name in cluster.node_names():
+        for pid in cluster.node_processes(name):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                found.setdefault(name, []).append(pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, data_dir, storage) -> Path:
+    """The failure-free run: its run directory."""
+    sid = cluster.submit(train_entry(data_dir, storage, "reference"), working_dir=data_dir.parent)
+    info = cluster.wait_job(sid, timeout=600)
+    assert info["status"] == "SUCCEEDED", cluster.job_logs(sid)[-3000:]
+    return storage / "reference"
+
+
+def test_failure_free_job_trains_every_step_and_keeps_its_records(reference):
+    lineage = lineages(reference)
+    for rank in range(WORKERS):
+        assert [step for step, _, _ in lineage[rank]] == list(range(1, TOTAL_STEPS + 1))
+    assert starts(reference) == [(0, 0)]
+    assert (reference / "model" / "final.pt").is_file()
+    assert any(p.name.startswith("checkpoint") for p in reference.iterdir())
+    (run,) = find_runs(f"sqlite:///{reference / 'mlflow.db'}", "ranray-cluster-test")
+    assert run["status"] == "FINISHED"
+    assert run["metrics"]["step"] == TOTAL_STEPS
+
+
+def test_worker_node_killed_mid_run_job_finishes_each_step_once(cluster, data_dir, storage, reference):
+    name = "node_loss"
+    sid = cluster.submit(train_entry(data_dir, storage, name, "checkpoint.max_failures=2"),
+                         working_dir=data_dir.parent)
+    run_dir = storage / name
+    wait_for_step(cluster, sid, run_dir, CHECKPOINT_EVERY + 1)  # past the first checkpoint
+
+    hosts = processes_named(cluster, "ray::RayTrainWorker")
+    victim = sorted(hosts)[0]
+    assert victim != "head"
+    killed = cluster.kill_node(victim)  # SIGKILL to its raylet; its guard takes the node down
+    cluster.wait_node_gone(victim)
+    assert all(proc_stat(pid) is None for pid in killed)
+
+    info = cluster.wait_job(sid, timeout=600)
+    logs = cluster.job_logs(sid)
+    assert info["status"] == "SUCCEEDED", logs[-3000:]
+    assert lineages(run_dir) == lineages(reference)  # the same steps on the same batches, once each
+    restarts = starts(run_dir)[1:]
+    assert restarts and all(resume >= CHECKPOINT_EVERY for _, resume in restarts), starts(run_dir)
+    # The driver's log tells of the lost worker group and of the restore from the checkpoint.
+    assert "resumed from" in logs or "Restoring" in logs or "restart" in logs.lower(), logs[-3000:]
+
+
+def test_driver_killed_then_resubmitted_resumes_from_the_last_checkpoint(cluster, data_dir, storage, reference):
+    name = "driver_loss"
+    entry = train_entry(data_dir, storage, name)
+    sid = cluster.submit(entry, working_dir=data_dir.parent)
+    run_dir = storage / name
+    wait_for_step(cluster, sid, run_dir, 2 * CHECKPOINT_EVERY + 1)
+
+    drivers = [pid for pid in cluster.node_processes("head")
+               if f"run.name={name}" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+               and "ranray" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert drivers, "the job's driver process was not found on the head node"
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    info = cluster.wait_job(sid, timeout=120)
+    assert info["status"] == "FAILED"
+    stopped_at = last_step(run_dir)
+    assert stopped_at < TOTAL_STEPS
+
+    again = cluster.submit(entry, working_dir=data_dir.parent)
+    info = cluster.wait_job(again, timeout=600)
+    assert info["status"] == "SUCCEEDED", cluster.job_logs(again)[-3000:]
+    assert lineages(run_dir) == lineages(reference)
+    first, *_, resumed = starts(run_dir)
+    assert first == (0, 0)
+    assert 2 * CHECKPOINT_EVERY <= resumed[1] <= stopped_at  # from the last checkpoint, not from 0

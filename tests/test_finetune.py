@@ -1,0 +1,178 @@
+"""The fine-tuning loop on a real local Ray: 2 Train workers, tiny backbone, tiny learnable data.
+
+One failure-free run is the reference; a run with an injected worker failure and a run resumed
+over a truncated checkpoint must apply exactly the same steps, on the same batches, once each.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
+
+from ranray.config import OptimConfig
+from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
+from ranray.train.checkpoint import STATE_FILE, load_checkpoint
+from ranray.train.evaluate import evaluate, load_trained_model
+from ranray.train.finetune import committed_steps, lr_factor
+from ranray.train.launch import build_trainer, run_training
+
+STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)  # 2 workers, batch 8, drop_last
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, data_dir, storage):
+    """The failure-free reference run."""
+    return run_training(tiny_config(data_dir, storage, "baseline"))
+
+
+def lineages(run_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
+    return {rank: committed_steps(run_dir / "steps" / f"rank{rank}.log") for rank in (0, 1)}
+
+
+def step_lines(run_dir: Path, rank: int) -> list[int]:
+    lines = (run_dir / "steps" / f"rank{rank}.log").read_text().splitlines()
+    return [int(line.split()[1]) for line in lines if line.startswith("step ")]
+
+
+# ---------------------------------------------------------------------------------------------
+# A plain run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_short_run_learns_and_reports(baseline):
+    m = baseline.metrics
+    assert m["step"] == TOTAL_STEPS and m["epoch"] == 2 and m["epoch_end"] == 1
+    assert m["best_val_accuracy"] >= 0.5 > 1.0 / NUM_CLASSES  # chance is 0.25
+    assert m["val_samples"] == SPLITS["val"]  # every validation row counted once across the 2 ranks
+    for key in ("val_loss", "val_acc_neutral", "val_acc_occlusion", "val_acc_pose30", "val_acc_clean", "lr",
+                "images_per_s", "train_loss"):
+        assert key in m and math.isfinite(m[key]), key
+
+
+def test_loss_falls(baseline):
+    losses = [v for _, v in metric_history(baseline.tracking_uri, baseline.mlflow_run_id, "train_loss")]
+    assert len(losses) == TOTAL_STEPS
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_checkpoints_exist_verify_and_load(baseline):
+    dirs = sorted(p for p in baseline.run_dir.glob("checkpoint_*") if p.is_dir())
+    assert [d.name for d in dirs] == [f"checkpoint_{TOTAL_STEPS - 2:08d}_g00", f"checkpoint_{TOTAL_STEPS:08d}_g00"]
+    state = load_checkpoint(dirs[-1] / STATE_FILE)
+    assert state["step"] == TOTAL_STEPS and state["train_state"]["mid_epoch"] is False
+    assert {"model", "optimizer", "scheduler", "scaler", "loader", "config"} <= set(state)
+    for rank in (0, 1):
+        own = load_checkpoint(dirs[-1] / f"rank{rank}.pt")
+        assert own["rank"] == rank and "torch" in own["rng"]
+    for name in ("best.pt", "final.pt"):
+        trained = load_trained_model(baseline.run_dir / "model" / name)
+        assert trained.cfg.model.num_classes == NUM_CLASSES
+    final = load_trained_model(baseline.final_model).net.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in state["model"].items())
+
+
+def test_mlflow_has_params_metrics_and_pictures(baseline):
+    runs = find_runs(baseline.tracking_uri, "ranray-test")
+    run = next(r for r in runs if r["run_id"] == baseline.mlflow_run_id)
+    assert run["status"] == "FINISHED"
+    assert run["params"]["model.backbone"] == "iresnet_tiny" and run["params"]["optim.lr"] == "0.05"
+    assert {"train_loss", "lr", "images_per_s", "val_accuracy", "val_acc_neutral", "epoch_train_loss"} <= set(
+        run["metrics"])
+    artifacts = set(list_artifacts(baseline.tracking_uri, baseline.mlflow_run_id))
+    assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt"} <= artifacts
+
+
+def test_every_step_once_in_order(baseline):
+    for rank, lineage in lineages(baseline.run_dir).items():
+        assert [s for s, _, _ in lineage] == list(range(1, TOTAL_STEPS + 1)), rank
+    assert lineages(baseline.run_dir)[0] != lineages(baseline.run_dir)[1]  # ranks train different batches
+
+
+def test_offline_evaluate_writes_table_json_and_png(baseline, data_dir, tmp_path):
+    report = evaluate(baseline.best_model, data_dir, "test", out_dir=tmp_path)
+    assert report.metrics["test_samples"] == SPLITS["test"]
+    assert report.accuracy > 1.0 / NUM_CLASSES
+    assert "test_acc_occlusion" in report.metrics and "subset occlusion" in report.table()
+    assert Path(report.files["json"]).is_file() and Path(report.files["confusion"]).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures and resumption
+# ---------------------------------------------------------------------------------------------
+
+
+def test_worker_failure_mid_epoch_resumes_without_repeating_a_step(baseline, data_dir, storage):
+    # Rank 1 raises after step 5; the newest checkpoint is step 4, so step 5 is trained twice in
+    # the log, but only once in the lineage of the final model.
+    cfg = tiny_config(data_dir, storage, "fault", "testing.fail_at_step=5", "testing.fail_rank=1",
+                      "checkpoint.max_failures=1")
+    result = run_training(cfg)
+    assert result.metrics["step"] == baseline.metrics["step"] == TOTAL_STEPS
+    assert (result.run_dir / "faults" / "fail_at_step_5").exists()
+    assert step_lines(result.run_dir, 1).count(5) == 2
+    assert lineages(result.run_dir) == lineages(baseline.run_dir)  # same steps, same batches, once each
+    starts = [line for line in (result.run_dir / "steps" / "rank0.log").read_text().splitlines()
+              if line.startswith("start")]
+    assert starts == ["start 0 0", "start 1 4"]
+
+
+def test_truncated_newest_checkpoint_is_skipped_on_rerun(baseline, data_dir, storage):
+    # A run that stops at step 8 (mid-epoch), as if its driver had died there...
+    first = run_training(tiny_config(data_dir, storage, "rerun", "testing.stop_after_steps=8"))
+    newest = first.run_dir / f"checkpoint_{8:08d}_g00" / STATE_FILE
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+    # ...then the same run name again, through the trainer Tune uses, with a tracking server that
+    # does not answer: resumption takes step 6, and the run finishes with tracking kept locally.
+    cfg = tiny_config(data_dir, storage, "rerun", "tracking.uri=http://127.0.0.1:9")
+    result = build_trainer(cfg).fit()
+    assert result.metrics["step"] == TOTAL_STEPS
+    log = (first.run_dir / "steps" / "rank0.log").read_text().splitlines()
+    assert [line for line in log if line.startswith("start")] == ["start 0 0", "start 1 6"]
+    assert lineages(first.run_dir) == lineages(baseline.run_dir)
+    kinds = {r["kind"] for r in read_local_log(first.run_dir)}
+    assert {"params", "metrics", "status"} <= kinds
+
+
+def test_job_failure_marks_the_mlflow_run_failed(ray_session, data_dir, storage):
+    cfg = tiny_config(data_dir, storage, "fails", "testing.fail_at_step=1", "epochs=1")
+    with pytest.raises(Exception, match="fail_at_step"):
+        run_training(cfg)
+    run_dir = storage / "fails"
+    runs = find_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "ranray-test")
+    assert [r["status"] for r in runs] == ["FAILED"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces without Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_warmup_then_step_schedule_at_epoch_fractions():
+    o = OptimConfig(lr=0.1, warmup_epochs=1.0, schedule="step", milestones=[0.3, 0.5, 0.8], gamma=0.1)
+    f = [lr_factor(s, steps_per_epoch=10, epochs=10, o=o) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over epoch 0
+    assert f[10] == f[29] == 1.0 and f[30] == pytest.approx(0.1)  # drop when epoch 3 of 10 starts
+    assert f[50] == pytest.approx(0.01) and f[80] == pytest.approx(0.001) and f[99] == pytest.approx(0.001)
+
+
+def test_cosine_schedule_decays_to_zero():
+    o = OptimConfig(schedule="cosine", warmup_epochs=0.0)
+    f = [lr_factor(s, steps_per_epoch=5, epochs=4, o=o) for s in range(20)]
+    assert f[0] == 1.0 and all(a > b for a, b in zip(f, f[1:])) and f[-1] < 0.01
+    assert f[10] == pytest.approx(0.5)
