@@ -15,8 +15,9 @@
 #   netns     (default as root where `ip netns` works) each worker node runs in its own network
 #             namespace on a private bridge, with its own IP: separate hosts as far as Ray can tell
 #             (own ports, node IPs, traffic over a real interface). The head stays in the root
-#             namespace on the bridge's IP so that the dashboard can listen on 127.0.0.1 for
-#             `ray job submit` from this machine.
+#             namespace on the bridge's address, the cluster's private address: its dashboard
+#             (job API) listens there, reachable from this machine and from every node (Ray Train
+#             calls the state API from worker nodes), and from nowhere else.
 #   loopback  every node a separate raylet on 127.0.0.1, with its own ports (non-root fallback).
 #
 # Settings (environment):
@@ -127,11 +128,13 @@ start_node() {  # name ip netns interface args...
     local -a prefix=()
     [[ -n "$ns" ]] && prefix=(ip netns exec "$ns")
     # setsid: the node must not get the terminal's SIGINT or die with this shell. A RAY_AUTH_TOKEN
-    # or RAY_ADDRESS from the caller's shell would override this cluster's token file and address.
+    # from the caller's shell would override this cluster's token file. RAY_ADDRESS: Ray processes
+    # that look for "the" local cluster (Ray Train's placement-group cleaner calls the state API
+    # without an address) would otherwise find every Ray instance on this machine and give up.
     # GLOO_SOCKET_IFNAME: torch's gloo backend (DDP on CPU) advertises the address of the host
     # name by default, which every namespace here resolves to loopback; as on any multi-NIC host,
     # the node's interface is named instead. Ray's workers inherit the raylet's environment.
-    env -u RAY_AUTH_TOKEN -u RAY_ADDRESS PATH="$BIN:$PATH" RAY_AUTH_MODE=token \
+    env -u RAY_AUTH_TOKEN RAY_ADDRESS="$HEAD_IP:$GCS_PORT" PATH="$BIN:$PATH" RAY_AUTH_MODE=token \
         RAY_AUTH_TOKEN_PATH="$RAY_AUTH_TOKEN_PATH" GLOO_SOCKET_IFNAME="$ifname" \
         setsid "${prefix[@]}" "$PY" "$REPO/cluster/node_guard.py" --state "$DIR" --start-nice "$START_NICE" -- \
         "$RAY" start --block --node-ip-address "$ip" --temp-dir "$DIR/ray/$name" \
@@ -269,7 +272,6 @@ cmd_up() {
     local ports; read -r -a ports <<< "$(free_ports 3)"
     GCS_PORT="${RANRAY_LOCAL_PORT:-${ports[0]}}"
     DASH_PORT="${RANRAY_LOCAL_DASHBOARD_PORT:-${ports[1]}}"
-    DASHBOARD_URL="http://127.0.0.1:$DASH_PORT"
 
     if [[ "$NET" == netns ]]; then
         local id; id="$(printf '%s' "$DIR" | sha1sum | cut -c1-6)"
@@ -287,9 +289,10 @@ cmd_up() {
     else
         HEAD_IP=127.0.0.1 HEAD_IF=lo
     fi
+    DASHBOARD_URL="http://$HEAD_IP:$DASH_PORT"
     write_env
 
-    HEAD_PORTS=(--port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT"
+    HEAD_PORTS=(--port "$GCS_PORT" --dashboard-host "$HEAD_IP" --dashboard-port "$DASH_PORT"
                 --ray-client-server-port "${ports[2]}")
     start_head
     log "head starting ($NET): gcs $HEAD_IP:$GCS_PORT, dashboard $DASHBOARD_URL"

@@ -2,11 +2,11 @@
 
 Shape of a search (Ray 2.60, Train V2):
     driver (this process)        Tuner: random search + ASHA; MLflow parent run; ends child runs
-      trial (function, 0.01 CPU) opens the trial's MLflow child run, builds a TorchTrainer for the
-                                 fine-tuning loop (launch.build_trainer) with a run name derived
-                                 from the trial id and a TuneReportCallback, and fits it
-        Train workers            finetune.train_func_per_worker: one report per epoch, which
-                                 TuneReportCallback hands to Tune (ASHA reads val_accuracy, epoch)
+      trial (function, 0.01 CPU) opens the trial's MLflow child run and makes a TuneReportCallback
+        fit task (0 CPU)         builds the TorchTrainer for the fine-tuning loop
+                                 (launch.build_trainer, run name derived from the trial id) and fits it
+          Train workers          finetune.train_func_per_worker: one report per epoch, which the
+                                 callback hands to Tune (ASHA reads val_accuracy and epoch)
 
 Everything that can be wrong in a config is checked by `plan_search` before Ray is touched. The
 trial's TorchTrainer owns the real resources (Tune only sees the trial function's sliver), so the

@@ -149,8 +149,9 @@ def test_worker_node_killed_mid_run_job_finishes_each_step_once(cluster, data_di
     assert lineages(run_dir) == lineages(reference)  # the same steps on the same batches, once each
     restarts = starts(run_dir)[1:]
     assert restarts and all(resume >= CHECKPOINT_EVERY for _, resume in restarts), starts(run_dir)
-    # The driver's log tells of the lost worker group and of the restore from the checkpoint.
-    assert "resumed from" in logs or "Restoring" in logs or "restart" in logs.lower(), logs[-3000:]
+    # The job's log tells of the lost worker group, the retry, and the restore from the checkpoint.
+    assert "A worker health check failed" in logs and "[FailurePolicy] RETRY" in logs, logs[-3000:]
+    assert f"resumed from {run_dir}/checkpoint_" in logs, logs[-3000:]
 
 
 def test_driver_killed_then_resubmitted_resumes_from_the_last_checkpoint(cluster, data_dir, storage, reference):

@@ -128,3 +128,17 @@ def test_never_replaces_a_folder_that_is_not_a_prepared_dataset(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         check_output(tmp_path / "ds", overwrite=False)
     check_output(tmp_path / "ds", overwrite=True)
+
+
+def test_identity_folder_keeps_pairs_and_identity_names(ray_session, tmp_path):
+    raw = synthesize(tmp_path / "raw", SynthOptions(n=16, seed=3, format="identity", per_identity=4, pairs=6))
+    out = tmp_path / "ids"
+    assert cli.main(["prepare", "identity", str(raw.root), "--out", str(out), "num_workers=1"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["num_classes"] == 2 and manifest["class_names"] == []  # train identities; names in a file
+    assert (out / "identities.txt").read_text().split() == ["id00000", "id00001"]
+    assert manifest["splits"]["train"]["identities"] == 2 and manifest["splits"]["val"]["rows"] == 8
+    assert (out / "pairs.txt").read_text() == (raw.root / "pairs.txt").read_text()
+    val_keys = {r["key"] for r in _read_split(out, "val")}
+    pairs = [line.split() for line in (out / "pairs.txt").read_text().splitlines()]
+    assert all(a in val_keys and b in val_keys for a, b, _ in pairs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import ImageDraw
 from shard_fixtures import draw_face, write_dataset
 
 from ranray.config import ConfigError, SearchSpaceConfig, TrainConfig, TuneConfig, load_config
-from ranray.tracking import HTTP_ENV_DEFAULTS, find_runs
+from ranray.tracking import HTTP_ENV_DEFAULTS, find_runs, list_artifacts
 from ranray.tune import (FAILED, FINISHED, KNOBS, STOPPED_EARLY, apply_params, max_concurrent, param_space,
                          plan_search, run_search, trial_config, trial_run_dir, trial_status)
 
@@ -58,7 +57,7 @@ def write_base(tmp_path: Path, data_dir: Path) -> Path:
         "model": {"backbone": "iresnet_tiny", "num_classes": NUM_CLASSES, "num_regions": 2},
         "optim": {"lr": 0.05, "milestones": [0.9], "weight_decay": 0.0},
         "checkpoint": {"keep": 1},
-        "epochs": 2, "batch_size": 8, "precision": "bf16",
+        "epochs": 5, "batch_size": 8, "precision": "bf16",
     }
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -194,21 +193,22 @@ def child_runs(result, experiment="tune-test"):
 
 
 def test_asha_stops_bad_trials_and_keeps_the_best_among_the_good(ray_session, tmp_path, dataset):
-    # lr spans 1e-6..0.1; seed 1 draws 0.057, 0.055, 1.3e-4, 1.1e-4 and 1.4e-6: the first two learn
-    # the bands within an epoch or two, the others barely move in three.
-    path = write_tune(tmp_path, write_base(tmp_path, dataset), num_samples=5, seed=1,
+    # lr spans 1e-6..0.1; seed 1 draws 0.057, 0.055, 1.3e-4 and 1.1e-4: the first two learn the bands
+    # in an epoch, the last two do not. Two at a time, so the good ones set ASHA's first rung.
+    path = write_tune(tmp_path, write_base(tmp_path, dataset), num_samples=4, seed=1, max_epochs=2,
                       space__lr_min=1e-6, space__lr_max=0.1, max_concurrent_trials=2)
     plan = plan_search(path)
     result = run_search(plan)
 
     rows = {r.trial_id: r for r in result.rows}
-    assert len(rows) == 5 and not result.interrupted
+    assert len(rows) == 4 and not result.interrupted
     statuses = [r.status for r in rows.values()]
     assert STOPPED_EARLY in statuses, statuses
-    assert all(r.epochs_run < 3 for r in rows.values() if r.status == STOPPED_EARLY)
+    assert all(r.epochs_run < 2 for r in rows.values() if r.status == STOPPED_EARLY)
+    assert all(r.epochs_run == 2 for r in rows.values() if r.status == FINISHED)
     best = result.best
     assert best is not None and best.params["lr"] > 0.01, result.rows
-    assert best.best_metric > 0.5 and best.status == FINISHED
+    assert best.best_metric > 0.5
     assert Path(best.best_model).is_file() and Path(best.checkpoint).is_dir()
 
     with result.table_csv.open() as f:
@@ -218,7 +218,7 @@ def test_asha_stops_bad_trials_and_keeps_the_best_among_the_good(ray_session, tm
     best_cfg = load_config(TrainConfig, result.best_config)
     assert best_cfg.optim.lr == pytest.approx(best.params["lr"])
     assert best_cfg.model.rb_margin == pytest.approx(best.params["margin"])
-    assert best_cfg.epochs == 2  # the base config's schedule, not the search's max_epochs
+    assert best_cfg.epochs == 5  # the base config's schedule, not the search's max_epochs
     assert result.plot.read_bytes()[:4] == b"\x89PNG"
 
     parent, children = child_runs(result)
@@ -230,8 +230,6 @@ def test_asha_stops_bad_trials_and_keeps_the_best_among_the_good(ray_session, tm
         assert child["status"] == {FINISHED: "FINISHED", STOPPED_EARLY: "KILLED"}[row.status]
         assert float(child["params"]["lr"]) == pytest.approx(row.params["lr"])
         assert "val_accuracy" in child["metrics"]
-    from ranray.tracking import list_artifacts
-
     assert {"trials.csv", "best_config.yaml", "accuracy_vs_params.png"} <= set(
         list_artifacts(result.tracking_uri, result.parent_run_id))
 
@@ -241,7 +239,7 @@ def result_lines(plan, trial_id: str) -> int:
 
 
 def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(ray_session, tmp_path, dataset):
-    path = write_tune(tmp_path, write_base(tmp_path, dataset), num_samples=3, use_asha=False, max_epochs=1,
+    path = write_tune(tmp_path, write_base(tmp_path, dataset), num_samples=2, use_asha=False, max_epochs=1,
                       max_concurrent_trials=1, testing__stop_after_trials=1)
     plan = plan_search(path)
     first = run_search(plan)
@@ -254,7 +252,7 @@ def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(ray_session
 
     second = run_search(plan_search(path))  # the same command again
     assert second.restored and not second.interrupted
-    assert [r.status for r in second.rows] == [FINISHED] * 3
+    assert [r.status for r in second.rows] == [FINISHED] * 2
     assert second.parent_run_id == first.parent_run_id
     for tid, row in done.items():
         again = next(r for r in second.rows if r.trial_id == tid)
@@ -264,5 +262,5 @@ def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(ray_session
         assert steps.count("start ") == 1
     parent, children = child_runs(second)
     assert parent["status"] == "FINISHED"
-    assert sorted(c["tags"]["trial_status"] for c in children) == [FINISHED] * 3
-    assert json.loads(json.dumps(second.best.params))  # plain Python values
+    assert sorted(c["tags"]["trial_status"] for c in children) == [FINISHED] * 2
+    assert all(type(v) is float for v in second.best.params.values())  # plain Python, not numpy
