@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ranray-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-cluster demo bench clean
+# The multi-node job tests (demo job on a local 4-node cluster, node and driver kills) run on their
+# own: they take many minutes and are not yet settled (issue 8 stays open until they are).
+CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +18,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) --ignore=$(CLUSTER_JOB_TESTS) tests
+
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) $(CLUSTER_JOB_TESTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/ranray demo

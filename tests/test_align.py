@@ -57,6 +57,11 @@ def test_astronaut_eyes_land_on_the_template(hog, astronaut):
     assert np.linalg.norm(pts - TEMPLATE_112, axis=1).max() < 8.0
 
 
+def test_cnn_detector_agrees_with_hog(hog, astronaut):
+    cnn = FaceAligner(AlignOptions(detector="cnn", upsample=0))  # mmod on a CPU: keep the image small
+    assert np.abs(five_points(cnn.align(astronaut).landmarks) - five_points(hog.align(astronaut).landmarks)).max() < 3.0
+
+
 def test_given_box_mode_on_a_face_crop(given, hog, astronaut):
     detected = hog.align(astronaut)
     # A loose crop around the face, as face-crop datasets ship them; no detector runs.

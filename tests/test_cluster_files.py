@@ -67,6 +67,10 @@ def test_ray_cluster_layout(launcher_config):
     for node_type in (gpu, cpu):
         assert node_type["min_workers"] == 0 < node_type["max_workers"]  # autoscaled from zero
     assert launcher_config["max_workers"] >= gpu["max_workers"] + cpu["max_workers"]
+    from ray._private.label_utils import validate_node_labels
+
+    for node_type in types.values():  # what `ray start` checks the labels with on each node
+        validate_node_labels(node_type["labels"])
 
 
 def test_ray_cluster_token_auth_and_private_dashboard(launcher_config):
@@ -269,3 +273,14 @@ def test_local_sh_is_valid_bash_with_usage():
     subprocess.run(["bash", "-n", str(local_sh)], check=True)
     usage = subprocess.run(["bash", str(local_sh)], capture_output=True, text=True)
     assert usage.returncode == 2 and "up [N]" in usage.stdout and "down" in usage.stdout
+
+
+def test_submit_shared_root_and_verb_args_anywhere_on_the_line(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from ranray.cli import main
+
+    assert main(["submit", "demo", "--dry-run", "--shared-root", "/data/nfs", "epochs=1",
+                 "--verb-args=--n 160", "batch_size=8"]) == 0
+    words = shlex.split(capsys.readouterr().out.strip().splitlines()[0][2:])
+    assert words[words.index("--") + 1:] == ["ranray", "demo", "--workdir", "/data/nfs/ranray/demo", "--n", "160",
+                                             "--config", "jobs/demo.yaml", "epochs=1", "batch_size=8"]

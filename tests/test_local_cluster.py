@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster_utils import REPO, LocalCluster, local_cluster, netns_available, processes_mentioning  # noqa: F401
+from cluster_utils import LocalCluster, local_cluster, netns_available, processes_mentioning  # noqa: F401
 
 # A job that proves it runs on a 3-node cluster: it sees the nodes, runs one task pinned to each
 # worker node (by the node_w1 / node_w2 resources local.sh gives them), and writes what it saw.
@@ -99,24 +99,6 @@ def test_submit_without_the_token_is_refused(local_cluster, tmp_path):
     # No job was left behind, and the cluster's own token still works.
     jobs = local_cluster.api("/api/jobs/")
     assert "no-token" not in {j.get("submission_id") for j in jobs}
-
-
-def test_ranray_submit_runs_a_prepare_job_across_the_nodes(local_cluster, tmp_path):
-    """jobs/submit.sh end to end: the job's config checked here, the repo uploaded as working dir,
-    the cluster's token, Ray Data alignment actors on both worker nodes, the dataset on the
-    "shared storage" (a local folder standing in for /mnt/shared)."""
-    shared = tmp_path / "shared"
-    raw = shared / "ranray" / "raw" / "ferplus"
-    subprocess.run([str(REPO / ".venv" / "bin" / "ranray"), "synth", "--out", str(raw), "--n", "16"],
-                   check=True, capture_output=True, timeout=300)
-    done = subprocess.run([str(REPO / "jobs" / "submit.sh"), "ferplus_prepare", "num_workers=2",
-                           "--shared-root", str(shared), "--follow"],
-                          env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ray job submit --address " + local_cluster.dashboard_url in done.stdout
-    assert ": SUCCEEDED" in done.stdout
-    manifest = json.loads((shared / "ranray" / "data" / "ferplus" / "manifest.json").read_text())
-    assert manifest["rows_in"] == 16 == manifest["rows_written"] + manifest["rows_rejected"]
 
 
 def test_down_leaves_no_process_of_the_cluster(local_cluster):

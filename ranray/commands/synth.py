@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 HELP = "write synthetic faces (8 expressions, pose, occluders) as a FERPlus, image-folder or identity dataset"
 
@@ -28,16 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ranray.data.synth import SynthOptions, synthesize
 
-    if args.n < 1:
-        print("ranray synth: --n must be >= 1")
-        return 2
     opts = SynthOptions(n=args.n, seed=args.seed, format=args.format, size=args.size, wild=args.wild,
                         occlusion_frac=args.occlusion_frac, large_pose_frac=args.large_pose_frac,
                         per_identity=args.per_identity, pairs=args.pairs)
     try:
         result = synthesize(args.out, opts)
-    except FileExistsError as err:
-        print(f"ranray synth: {err}")
+    except (FileExistsError, ValueError) as err:
+        print(f"ranray synth: {err}", file=sys.stderr)
         return 2
     cfg = result.prepare_config(f"{args.out.rstrip('/')}_prepared")
     counts = ", ".join(f"{s} {n}" for s, n in result.counts.items())

@@ -286,16 +286,16 @@ def _scale_box(box: Box, k: int) -> Box:
 Detector = Callable[[np.ndarray, "Box | None", int], Box]
 
 
-def _largest(rects) -> Box:
+def _largest(rects, detector: str, up: int) -> Box:
     if len(rects) == 0:
-        raise RowReject("no_face", "the detector found no face")
+        raise RowReject("no_face", f"the {detector} detector found no face (upsample {up})")
     r = max(rects, key=lambda r: r.width() * r.height())
     return (float(r.left()), float(r.top()), float(r.right()), float(r.bottom()))
 
 
 def _hog(dlib) -> Detector:
     detector = dlib.get_frontal_face_detector()
-    return lambda gray, box, up: _largest(detector(gray, up))
+    return lambda gray, box, up: _largest(detector(gray, up), "hog", up)
 
 
 def _cnn(dlib) -> Detector:
@@ -303,7 +303,7 @@ def _cnn(dlib) -> Detector:
 
     def detect(gray, box, up):
         rgb = np.repeat(gray[:, :, None], 3, axis=2)  # the mmod network takes RGB
-        return _largest([d.rect for d in detector(rgb, up)])
+        return _largest([d.rect for d in detector(rgb, up)], "cnn", up)
 
     return detect
 

@@ -34,6 +34,7 @@ from ranray.data.synth_face import (OCCLUDERS, FaceSpec, Identity, Occluder, Pos
                                     sample_identity)
 
 SPLITS = (("train", "Training"), ("val", "PublicTest"), ("test", "PrivateTest"))
+FORMAT_NAMES = ("ferplus", "imagefolder", "identity")
 # Likely annotator confusions per class: where the votes that miss the true class go.
 CONFUSIONS = {
     "neutral": ("sadness", "contempt"), "happiness": ("neutral", "surprise"), "surprise": ("fear", "happiness"),
@@ -64,6 +65,21 @@ class SynthOptions:
     verify_frac: float = 0.2  # identity format: share of identities held out in val/ for pairs.txt
     pairs: int = 400  # identity format: verification pairs (half same, half different)
 
+    def validate(self) -> None:
+        checks = {
+            "n must be >= 1": self.n >= 1,
+            f"format must be one of {sorted(FORMAT_NAMES)}": self.format in FORMAT_NAMES,
+            "split_fracs must be 3 fractions summing to 1": len(self.split_fracs) == 3
+            and abs(sum(self.split_fracs) - 1.0) < 1e-6 and min(self.split_fracs) >= 0,
+            "occlusion_frac, large_pose_frac and non_face_frac must be in [0, 1]":
+                all(0.0 <= f <= 1.0 for f in (self.occlusion_frac, self.large_pose_frac, self.non_face_frac)),
+            "per_identity must be >= 2 (verification pairs need two images of a person)": self.per_identity >= 2,
+            "size must be 0 (default) or >= 32": self.size == 0 or self.size >= 32,
+        }
+        failed = [what for what, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"synth options: {'; '.join(failed)}")
+
     def image_size(self) -> int:
         if self.size:
             return self.size
@@ -79,9 +95,9 @@ class SynthResult:
 
     def prepare_config(self, out: str | Path, **overrides) -> PrepareConfig:
         """The PrepareConfig that prepares this synthetic dataset into `out`."""
-        source = {"ferplus": "ferplus", "imagefolder": "imagefolder", "identity": "identity"}[self.options.format]
+        # Each synthetic format is written as the real format of the source of the same name.
         detector = "hog" if self.options.wild else "given"
-        values = dict(source=source, inputs=[str(self.root)], out=str(out), detector=detector,
+        values = dict(source=self.options.format, inputs=[str(self.root)], out=str(out), detector=detector,
                       subset_lists=dict(self.subset_lists))
         values.update(overrides)
         cfg = PrepareConfig(**values)
@@ -288,12 +304,12 @@ FORMAT_WRITERS: dict[str, Callable[[Path, SynthOptions], Written]] = {
     "imagefolder": write_imagefolder,
     "identity": write_identity,
 }
+assert tuple(FORMAT_WRITERS) == FORMAT_NAMES
 
 
 def synthesize(out_dir: str | Path, opts: SynthOptions = SynthOptions()) -> SynthResult:
     """Write a synthetic dataset of `opts.format` into out_dir (created; must be empty or absent)."""
-    if opts.format not in FORMAT_WRITERS:
-        raise ValueError(f"unknown synth format {opts.format!r} (known: {', '.join(FORMAT_WRITERS)})")
+    opts.validate()
     root = Path(out_dir)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; synth writes into a new folder")

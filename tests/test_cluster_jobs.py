@@ -1,7 +1,10 @@
-"""Fine-tuning jobs on a real multi-node cluster (cluster/local.sh: head + 3 worker nodes of one
-CPU each), submitted with the real `ray job submit`, and what happens when parts of it die:
+"""Jobs on a real multi-node cluster (cluster/local.sh: head + 3 worker nodes of one CPU each),
+submitted with the real `ray job submit`, and what happens when parts of the cluster die:
 
-- a failure-free run is the reference (and its checkpoints and MLflow run are checked);
+- the synthetic demo, submitted with jobs/submit.sh (prepare on Ray Data, RAN training by Ray
+  Train, evaluation), with its data and runs on "shared storage" (a local folder standing in for
+  /mnt/shared): it succeeds, and leaves its dataset, checkpoint, model and MLflow run;
+- a failure-free fine-tuning run is the reference (and its checkpoints and MLflow run are checked);
 - a worker node is hard-killed (its raylet SIGKILLed, the rest of the node with it) mid-run: the
   job still finishes, with the reference's final step count and the reference's steps, each
   applied once, and its log shows the restart from the checkpoint;
@@ -15,13 +18,15 @@ batches as the reference's.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cluster_utils import LocalCluster, proc_stat
+from cluster_utils import REPO, LocalCluster, proc_stat
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset
 
 from ranray.tracking import find_runs
@@ -106,6 +111,25 @@ def processes_named(cluster: LocalCluster, prefix: str) -> dict[str, list[int]]:
             if title.startswith(prefix):
                 found.setdefault(name, []).append(pid)
     return found
+
+
+def test_demo_job_submitted_with_the_submit_tool(cluster, tmp_path):
+    shared = tmp_path / "shared"
+    done = subprocess.run(
+        [str(REPO / "jobs" / "submit.sh"), "demo", "--shared-root", str(shared), "--verb-args=--n 160",
+         "epochs=1", "batch_size=8", "model.num_regions=3", "--follow"],
+        env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ray job submit --address " + cluster.dashboard_url in done.stdout
+    assert ": SUCCEEDED" in done.stdout and "test accuracy, all faces" in done.stdout
+    workdir = shared / "ranray" / "demo"
+    manifest = json.loads((workdir / "prepared" / "manifest.json").read_text())
+    assert manifest["rows_in"] == 160 == manifest["rows_written"] + manifest["rows_rejected"]
+    (run_dir,) = (workdir / "runs").iterdir()
+    assert (run_dir / "model" / "best.pt").is_file() and (run_dir / "model" / "final.pt").is_file()
+    assert any(p.name.startswith("checkpoint") for p in run_dir.iterdir())
+    (run,) = find_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "ranray-demo")
+    assert run["status"] == "FINISHED"
 
 
 @pytest.fixture(scope="module")
