@@ -235,6 +235,8 @@ class Tracker:
         if run_id is not None:
             resumed = self._try(lambda c: _resume_run(c, run_id))
             if resumed:
+                # set_tags logs to self.run_id, which start() only assigns after we return.
+                self.run_id = run_id
                 if tags:
                     self.set_tags(tags)
                 return run_id

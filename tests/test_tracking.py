@@ -85,11 +85,13 @@ def test_a_rerun_resumes_the_same_run(tmp_path: Path, shared_store: str) -> None
 
     with Tracker(cfg, tmp_path) as again:
         # b changed: MLflow refuses changing a param, so the first value stays and nothing raises.
-        assert again.start("r", params={"a": 1, "b": 3, "c": 4}, resume=True) == run_id
+        # Tags on a resumed run: the re-run of a job whose driver died passes them (a regression).
+        assert again.start("r", params={"a": 1, "b": 3, "c": 4}, tags={"attempt": "2"}, resume=True) == run_id
         assert find_runs(shared_store, "exp-resume")[0]["status"] == "RUNNING"
         again.log_metrics({"loss": 1.0}, step=2)
     (run,) = find_runs(shared_store, "exp-resume")
     assert run["status"] == "FINISHED" and run["params"] == {"a": "1", "b": "2", "c": "4"}
+    assert run["tags"]["attempt"] == "2"
     assert metric_history(shared_store, run_id, "loss") == [(1, 2.0), (2, 1.0)]
 
 

@@ -46,6 +46,6 @@ def tiny_config(data_dir: Path, storage: Path, name: str, *overrides: str) -> Tr
         "data.loader=torch", "data.num_threads=0", "data.augment.enabled=false",
         "model.backbone=iresnet_tiny", f"model.num_classes={NUM_CLASSES}", "model.num_regions=3",
         "optim.name=sgd", "optim.lr=0.05", "optim.schedule=cosine", "optim.weight_decay=0.0",
-        "epochs=2", "batch_size=8", "precision=bf16",
+        "epochs=2", "batch_size=8", "precision=fp32",
         "scaling.num_workers=2", "checkpoint.every_n_steps=2", "checkpoint.keep=2",
         "tracking.experiment=ranray-test", *overrides])
