@@ -107,6 +107,7 @@ def main() -> None:
 
     import ray
 
+    load_start = os.getloadavg()[0]
     ensure_ray()
     cpus = float(ray.cluster_resources().get("CPU", 0))
     rows = {}
@@ -126,7 +127,9 @@ def main() -> None:
                f"banded faces, batch 8, bf16; lr log-uniform 1e-6..0.1 (seed {SEED}), 1 worker x "
                f"{args.cpus_per_worker} CPU per trial. ASHA saved {saved:.0f} s ({saved / fifo['wall_s']:.0%} of "
                f"the FIFO search) and trained {fifo['epochs'] - asha['epochs']} fewer epochs. Utilisation counts "
-               f"CPUs held by running trials; trainer start-up inside a trial counts as busy."))
+               f"CPUs held by running trials; trainer start-up inside a trial counts as busy (on this shared machine "
+               f"it dominates a trial: load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+               f"the end)."))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ranray.config import (ConfigError, SearchSpaceConfig, TrackingConfig, TrainConfig, TuneConfig, flatten,
                            from_dict, load_config, save_config, to_dict)
-from ranray.tracking import PARENT_TAG, Tracker, resolve_tracking_uri
+from ranray.tracking import Tracker, resolve_tracking_uri
 from ranray.train.launch import build_trainer, preflight, run_dir_for
 
 log = logging.getLogger("ranray.tune")
@@ -257,20 +257,11 @@ def open_trial_run(plan: SearchPlan, trial_id: str, params: dict[str, Any], pare
                    extra_params: dict[str, Any] | None = None) -> Tracker:
     """The trial's MLflow child run: created on first use, reopened after (its run dir records the id)."""
     tracker = Tracker(plan.tracking, trial_run_dir(plan, trial_id))
-    start_run(tracker, trial_run_name(plan.name, trial_id),
-              params={**(extra_params or {}), **{k: _plain(v) for k, v in params.items()}},
-              tags={"job": "tune_trial", "trial_id": trial_id, "search": plan.name, PARENT_TAG: parent_run_id})
+    tracker.start(trial_run_name(plan.name, trial_id),
+                  params={**(extra_params or {}), **{k: _plain(v) for k, v in params.items()}},
+                  tags={"job": "tune_trial", "trial_id": trial_id, "search": plan.name},
+                  parent_run_id=parent_run_id, resume=True)
     return tracker
-
-
-def start_run(tracker: Tracker, name: str, params: dict[str, Any], tags: dict[str, Any]) -> str:
-    """Start the run recorded in the tracker's directory (or a new one), then tag it.
-
-    Tags (the parent link included) go after the start: Tracker.start cannot tag a run it resumes.
-    """
-    run_id = tracker.start(name, params=params, resume=True)
-    tracker.set_tags(tags)
-    return run_id
 
 
 def run_trial(params: dict[str, Any], plan: SearchPlan, parent_run_id: str) -> None:
@@ -482,7 +473,7 @@ def run_search(plan: SearchPlan) -> SearchResult:
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     config_file = record_config(plan)
     with Tracker(plan.tracking, plan.output_dir) as parent:  # FAILED if the search raises
-        start_run(parent, plan.name, params=flatten(plan.cfg), tags={"job": "tune"})
+        parent.start(plan.name, params=flatten(plan.cfg), tags={"job": "tune"}, resume=True)
         parent.log_artifact(config_file)
         tuner, restored = open_tuner(plan, parent.run_id, concurrent)
         tuner.fit()
