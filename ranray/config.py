@@ -158,11 +158,14 @@ class TrainConfig:
 
 @dataclass
 class PrepareConfig:
-    source: Literal["ferplus", "rafdb", "affectnet", "imagefolder", "identity"] = "ferplus"
+    source: Literal["ferplus", "rafdb", "affectnet", "imagefolder", "identity", "recordio"] = "ferplus"
     inputs: list[str] = field(default_factory=list)  # source files or folders, per reader
     out: str = ""
     label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
     detector: Literal["hog", "cnn", "given"] = "given"  # given: face crops, no detection
+    # given mode: a landmark fit that fails its plausibility check is aligned from the box and
+    # flagged (True), or rejected as "landmark_implausible" (False) for users who want only fitted faces.
+    align_fallback: bool = True
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     num_workers: int = 0  # 0: one actor per CPU Ray has
     batch_size: int = 64

@@ -16,6 +16,7 @@ from ranray import cli
 from ranray.config import CLASS_NAMES, ConfigError
 from ranray.data.prepare import check_output
 from ranray.data.schema import FACE_SIZE, FLAG_OCCLUSION, REJECT_SCHEMA, SHARD_SCHEMA, read_manifest, shard_paths
+from ranray.data.sources.recordio import write_identity_recordio
 from ranray.data.synth import SynthOptions, synthesize
 
 
@@ -142,3 +143,51 @@ def test_identity_folder_keeps_pairs_and_identity_names(ray_session, tmp_path):
     val_keys = {r["key"] for r in _read_split(out, "val")}
     pairs = [line.split() for line in (out / "pairs.txt").read_text().splitlines()]
     assert all(a in val_keys and b in val_keys for a, b, _ in pairs)
+
+
+def _identity_recordio(tmp_path: Path) -> tuple[Path, dict[str, int], str]:
+    """A face2rec-style train.rec of synthetic faces (every identity folder, as JPEG) plus one record
+    with valid framing and garbage image bytes; returns the .rec, {key: identity} and the bad key."""
+    raw = synthesize(tmp_path / "raw", SynthOptions(n=12, seed=4, format="identity", per_identity=3, pairs=2))
+    folders = sorted((p for p in raw.root.glob("*/*") if p.is_dir()), key=lambda p: p.name)
+    samples = []
+    for identity, folder in enumerate(folders):
+        for png in sorted(folder.iterdir()):
+            buf = io.BytesIO()
+            Image.open(png).convert("RGB").save(buf, "JPEG", quality=95)
+            samples.append((identity, buf.getvalue()))
+    samples.append((len(folders) - 1, b"\xff\xd8 not really a jpeg"))  # sorts last: the last image key
+    rec, _ = write_identity_recordio(tmp_path / "train", samples)
+    labels = {f"train.rec:{key}": identity for key, (identity, _) in enumerate(samples, 1)}
+    return rec, labels, f"train.rec:{len(samples)}"
+
+
+def test_recordio_prepares_identities_and_rejects_a_corrupt_record(ray_session, tmp_path):
+    rec, labels, bad = _identity_recordio(tmp_path)
+    out = tmp_path / "ms1m"
+    assert cli.main(["prepare", "recordio", str(rec), "--out", str(out), "detector=given", "num_workers=1"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["rows_in"] == len(labels) == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["rows_rejected"] == 1 and list(manifest["splits"]) == ["train"]
+    assert manifest["num_classes"] == 4 and manifest["reader"] == {"identities": {"train": 4}, "records": 13}
+    (reject,) = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert reject["key"] == bad and reject["reason"] == "corrupt_image"
+    assert str(rec) in reject["detail"] and bad in reject["detail"]
+    rows = _read_split(out, "train")
+    assert {r["key"]: r["label"] for r in rows} == {k: v for k, v in labels.items() if k != bad}
+    for r in rows:
+        assert Image.open(io.BytesIO(r["image"])).size == (FACE_SIZE, FACE_SIZE) == (112, 112)
+        assert len(r["landmarks"]) == 136 and r["source"] == "recordio"
+    assert (out / "identities.txt").read_text().split() == ["id0", "id1", "id2", "id3"]
+
+
+def test_align_fallback_switch_reaches_the_aligner(tmp_path):
+    from ranray.config import PrepareConfig, load_config
+    from ranray.data.prepare import align_options
+
+    base = [f"inputs=[{tmp_path}]", f"out={tmp_path / 'out'}", "source=imagefolder"]
+    assert align_options(load_config(PrepareConfig, overrides=base)).fallback is True
+    strict = load_config(PrepareConfig, overrides=base + ["align_fallback=false"])
+    assert strict.align_fallback is False and align_options(strict).fallback is False
+    with pytest.raises(ConfigError, match="align_fallback"):
+        load_config(PrepareConfig, overrides=base + ["align_fallback=maybe"])

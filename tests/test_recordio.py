@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ranray.data.sources.recordio import (
-    IR_SIZE, MAGIC, IRHeader, RecordIOError, RecordIOReader, RecordIOWriter, pack, read_record, unpack,
-    write_identity_recordio, write_record,
+    IR_SIZE, MAGIC, IRHeader, RecordIOError, RecordIOReader, RecordIOWriter, pack, read_record, read_record_at,
+    record_label, unpack, write_identity_recordio, write_record,
 )
 
 
@@ -45,6 +45,21 @@ def test_payload_containing_the_magic_is_split_and_rejoined():
     assert read_record(f) == payload and read_record(f) == b"next" and read_record(f) is None
 
 
+def test_sized_read_stops_early_and_rejoins_split_heads():
+    magic = struct.pack("<I", MAGIC)
+    payload = b"head" + magic + b"middle!!" + magic + b"tail-x"
+    f = io.BytesIO()
+    write_record(f, b"first")
+    second = f.tell()
+    write_record(f, payload)
+    assert read_record_at(f, second, 2) == b"he" and f.tell() == second + 8 + 2  # the rest stays unread
+    assert read_record_at(f, second, 6) == b"head" + magic  # the magic between parts is put back
+    assert read_record_at(f, second, 14) == payload[:14]
+    assert read_record_at(f, second, 999) == payload == read_record_at(f, second)
+    with pytest.raises(RecordIOError, match="past the end"):
+        read_record_at(f, len(f.getvalue()))
+
+
 def test_irheader_scalar_and_array_labels():
     header, body = unpack(pack(IRHeader(0, 7.0, 3, 0), b"img"))
     assert (header.flag, header.label, header.id, body) == (0, 7.0, 3, b"img")
@@ -65,6 +80,17 @@ def test_identity_dataset_round_trip(tmp_path):
     assert [reader.identity_range(i) for i in range(3)] == [(1, 3), (3, 5), (5, 8)]
     decoded = Image.open(io.BytesIO(got[0].image))
     assert decoded.size == (112, 112) and decoded.mode == "RGB"
+
+
+def test_labels_come_from_headers_alone(tmp_path):
+    rec, idx = write_identity_recordio(tmp_path / "train", [(1, _jpeg(0)), (0, _jpeg(1)), (1, _jpeg(2))])
+    reader = RecordIOReader(rec, idx)
+    assert [reader.label(k) for k in reader.image_keys] == [s.label for s in reader] == [0, 1, 1]
+    assert record_label(pack(IRHeader(0, np.array([4.0, 9.0])), b"")) == 4
+    with pytest.raises(RecordIOError, match="not a number"):
+        record_label(pack(IRHeader(0, float("nan")), b""))
+    with pytest.raises(RecordIOError, match="shorter than"):
+        record_label(b"\0" * 10)
 
 
 def test_reader_pickles_for_ray_workers(tmp_path):

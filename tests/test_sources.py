@@ -1,4 +1,4 @@
-"""Dataset readers: FERPlus label modes and row alignment, RAF-DB, AffectNet, folders, subset flags.
+"""Dataset readers: FERPlus label modes and row alignment, RAF-DB, AffectNet, folders, RecordIO, subset flags.
 
 No Ray and no dlib here: readers run in the driver before Ray starts.
 """
@@ -6,8 +6,10 @@ No Ray and no dlib here: readers run in the driver before Ray starts.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,10 +17,13 @@ from ranray.config import CLASS_NAMES, PrepareConfig
 from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30
 from ranray.data.sources import READERS, SourceError, mark_subsets
 from ranray.data.sources.affectnet import read_affectnet
+from ranray.data.sources.common import IMAGE_RECORD
 from ranray.data.sources.ferplus import VOTE_COLUMNS, ferplus_target, read_ferplus
 from ranray.data.sources.identity import read_identity
 from ranray.data.sources.imagefolder import read_imagefolder
 from ranray.data.sources.rafdb import read_rafdb
+from ranray.data.sources.recordio import IRHeader, RecordIOWriter, pack, write_identity_recordio
+from ranray.data.sources.recordio_source import read_recordio
 
 N, H, SU, SA, AN, DI, FE, CO, UNK, NF = range(10)
 
@@ -253,3 +258,39 @@ def test_subset_lists_set_flags_by_key_or_file_name(tmp_path):
     assert report["occlusion"] == {"listed": 2, "matched": 1, "unmatched": 1}
     with pytest.raises(SourceError, match="subset list not found"):
         mark_subsets(rows, {"pose45": str(tmp_path / "nope.txt")})
+
+
+def test_recordio_rows_come_from_headers_with_offsets(tmp_path):
+    (tmp_path / "ms1m").mkdir()
+    write_identity_recordio(tmp_path / "ms1m" / "train", [(2, b"c"), (0, b"a1"), (1, b"b"), (0, b"a2")])
+    with RecordIOWriter(tmp_path / "extra.rec", tmp_path / "extra.idx") as w:  # no identity header
+        for key, label in ((5, 1.0), (9, -1.0), (11, np.array([0.0, 7.0]))):
+            w.write_idx(key, pack(IRHeader(0, label), b"image-%d" % key))
+    with (tmp_path / "extra.idx").open("a") as idx:
+        idx.write("12\t999999\n")  # past the end of extra.rec
+    read = READERS["recordio"](PrepareConfig(source="recordio", inputs=[str(tmp_path / "ms1m"),
+                                                                        str(tmp_path / "extra.rec")], out="x"))
+    rows = {r.key: r for r in read.rows}
+    assert {k: r.label for k, r in rows.items() if not r.reason} == {
+        "train.rec:1": 0, "train.rec:2": 0, "train.rec:3": 1, "train.rec:4": 2, "extra.rec:5": 4, "extra.rec:11": 3}
+    assert rows["extra.rec:9"].reason == "bad_label" and "identity -1" in rows["extra.rec:9"].detail
+    assert rows["extra.rec:12"].reason == "corrupt_image" and "past the end" in rows["extra.rec:12"].detail
+    assert read.class_names == ["id0", "id1", "id2", "id3", "id4"]
+    assert read.extra == {"identities": {"train": 5}, "records": 8}
+    extra = (tmp_path / "extra.rec").read_bytes()
+    row = rows["extra.rec:5"]
+    assert row.image_kind == IMAGE_RECORD and row.split == "train" and row.path == str(tmp_path / "extra.rec")
+    assert extra[row.offset + 8 + 24:].startswith(b"image-5")  # the offset, not the image, travels
+
+
+def test_recordio_without_its_index_is_an_error_naming_the_file(tmp_path):
+    rec, idx = write_identity_recordio(tmp_path / "train", [(0, b"a")])
+    idx.unlink()
+    with pytest.raises(SourceError, match=re.escape(f"RecordIO index not found: {idx}")):
+        read_recordio([str(rec)])
+    with pytest.raises(SourceError, match="RecordIO file not found"):
+        read_recordio([str(tmp_path / "nope.rec")])
+    (tmp_path / "other").mkdir()
+    write_identity_recordio(tmp_path / "other" / "train", [(0, b"a")])
+    with pytest.raises(SourceError, match="named \\['train.rec'\\]"):
+        read_recordio([str(tmp_path / "other" / "train.rec"), str(tmp_path / "other")])

@@ -10,7 +10,7 @@ import argparse
 import json
 import re
 
-HELP = "align a raw dataset (ferplus, rafdb, affectnet, imagefolder, identity) into Parquet shards"
+HELP = "align a raw dataset (ferplus, rafdb, affectnet, imagefolder, identity, recordio) into Parquet shards"
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key=value, as opposed to an input path
 
 

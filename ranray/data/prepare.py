@@ -14,6 +14,7 @@ mixes classes and the loader's block shuffle works on sorted sources (image fold
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import math
@@ -25,7 +26,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +39,8 @@ from ranray.data.align import AlignOptions, FaceAligner
 from ranray.data.schema import (FACE_SIZE, FLAG_ALIGN_FALLBACK, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA,
                                 SUBSET_FLAGS)
 from ranray.data.sources import READERS, RowReject, SourceRead, SourceRow, mark_subsets
-from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, rows_to_table
+from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD, rows_to_table
+from ranray.data.sources.recordio import RecordIOError, read_record_at, unpack
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
 
 ROW_GROUP_ROWS = 256  # the loader shuffles whole row groups; 256 faces is ~1.5 MB of JPEG
@@ -56,17 +58,36 @@ EXPRESSION_SOURCES = {"ferplus", "rafdb", "affectnet", "imagefolder"}
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_file(row: dict) -> Image.Image:
-    path = Path(row["path"])
-    if not path.is_file():
-        raise RowReject("missing_file", str(path))
+def _decode(source: Path | io.BytesIO, where: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()  # decode now: a truncated or corrupt file fails here, not later
             img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise RowReject("corrupt_image", f"{path}: {type(err).__name__}: {err}") from None
+        raise RowReject("corrupt_image", f"{where}: {type(err).__name__}: {err}") from None
+
+
+def _load_file(row: dict) -> Image.Image:
+    path = Path(row["path"])
+    if not path.is_file():
+        raise RowReject("missing_file", str(path))
+    return _decode(path, str(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _record_file(path: str) -> BinaryIO:
+    # Kept open for the actor's life: a batch reads many records of one .rec, each at its offset.
+    return open(path, "rb")
+
+
+def _load_record(row: dict) -> Image.Image:
+    where = f"{row['path']} ({row['key']})"
+    try:
+        _, image = unpack(read_record_at(_record_file(row["path"]), row["offset"]))
+    except (OSError, RecordIOError) as err:
+        raise RowReject("corrupt_image", f"{where}: {type(err).__name__}: {err}") from None
+    return _decode(io.BytesIO(image), where)
 
 
 def _load_pixels(row: dict) -> Image.Image:
@@ -82,7 +103,8 @@ def _load_pixels(row: dict) -> Image.Image:
     return Image.fromarray(arr.reshape(FER_SIDE, FER_SIDE).astype(np.uint8), "L")
 
 
-IMAGE_LOADERS: dict[str, Callable[[dict], Image.Image]] = {IMAGE_FILE: _load_file, IMAGE_PIXELS: _load_pixels}
+IMAGE_LOADERS: dict[str, Callable[[dict], Image.Image]] = {
+    IMAGE_FILE: _load_file, IMAGE_PIXELS: _load_pixels, IMAGE_RECORD: _load_record}
 
 
 def _jpeg(img: Image.Image, quality: int) -> bytes:
@@ -277,6 +299,10 @@ def num_workers(cfg: PrepareConfig, num_rows: int) -> int:
     return max(1, min(wanted, num_rows))
 
 
+def align_options(cfg: PrepareConfig) -> AlignOptions:
+    return AlignOptions(detector=cfg.detector, fallback=cfg.align_fallback)
+
+
 def align_rows(rows: list[SourceRow], cfg: PrepareConfig) -> Iterator[pa.Table]:
     """Aligned rows (OUT_SCHEMA tables) in input order, from an actor pool on Ray Data."""
     if not rows:
@@ -289,7 +315,7 @@ def align_rows(rows: list[SourceRow], cfg: PrepareConfig) -> Iterator[pa.Table]:
     batch = max(1, min(cfg.batch_size, math.ceil(len(rows) / (workers * 4))))
     table = rows_to_table(rows)
     blocks = [table.slice(i, batch) for i in range(0, len(rows), batch)]
-    options = AlignOptions(detector=cfg.detector)
+    options = align_options(cfg)
     ctx = ray.data.DataContext.get_current()
     keep_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # same input, same shards

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ranray.data.sources import affectnet, ferplus, identity, imagefolder, rafdb
+from ranray.data.sources import affectnet, ferplus, identity, imagefolder, rafdb, recordio_source
 from ranray.data.sources.common import RowReject, SourceError, SourceRead, SourceRow
 from ranray.data.sources.subsets import mark_subsets
 
@@ -17,6 +17,7 @@ READERS: dict[str, Callable[..., SourceRead]] = {
     "affectnet": affectnet.read,
     "imagefolder": imagefolder.read,
     "identity": identity.read,
+    "recordio": recordio_source.read,
 }
 
 __all__ = ["READERS", "RowReject", "SourceError", "SourceRead", "SourceRow", "mark_subsets"]

@@ -19,6 +19,7 @@ from ranray.config import CLASS_NAMES, ConfigError
 
 IMAGE_FILE = "file"  # the row's image is the file at `path`
 IMAGE_PIXELS = "pixels"  # the row's image is `pixels`: space-separated grayscale values (FER2013)
+IMAGE_RECORD = "record"  # the row's image is in the RecordIO record at byte `offset` of the .rec at `path`
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -48,6 +49,7 @@ class SourceRow:
     image_kind: str = IMAGE_FILE
     path: str = ""
     pixels: str = ""
+    offset: int = -1  # IMAGE_RECORD: the record's byte offset in `path` (from train.idx)
     box: list[float] = field(default_factory=list)  # given face box x0, y0, x1, y1 (AffectNet)
     landmarks: list[float] = field(default_factory=list)  # given 68 landmarks, flat (AffectNet)
     flags: int = 0
@@ -65,6 +67,7 @@ ROW_SCHEMA = pa.schema([
     ("image_kind", pa.string()),
     ("path", pa.string()),
     ("pixels", pa.string()),
+    ("offset", pa.int64()),
     ("box", pa.list_(pa.float32())),
     ("landmarks", pa.list_(pa.float32())),
     ("flags", pa.int32()),

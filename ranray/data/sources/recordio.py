@@ -86,25 +86,69 @@ def write_record(f: BinaryIO, payload: bytes) -> None:
     f.write(b"\0" * (-len(payload) % 4))
 
 
-def read_record(f: BinaryIO) -> bytes | None:
-    """The next record's payload, or None at the end of the file."""
+def _next_part(f: BinaryIO) -> tuple[int, int] | None:
+    """(continuation flag, length) of the part at f's position, or None at the end of the file."""
+    head = f.read(8)
+    if not head:
+        return None
+    if len(head) < 8:
+        raise RecordIOError(f"truncated record header at byte {f.tell() - len(head)}")
+    magic, lrec = struct.unpack("<II", head)
+    if magic != MAGIC:
+        raise RecordIOError(f"bad magic 0x{magic:08x} at byte {f.tell() - 8} (not a RecordIO file?)")
+    return lrec >> 29, lrec & _LEN_MASK
+
+
+def read_record(f: BinaryIO, size: int | None = None) -> bytes | None:
+    """The next record's payload, or None at the end of the file.
+
+    size: read only the first `size` payload bytes (all, when the record is shorter) and leave the
+    file mid-record, so that a header read does not pull the image off the disk.
+    """
     parts: list[bytes] = []
+    have = 0  # payload bytes so far, with the magic that joins each part to the one before
     while True:
-        head = f.read(8)
-        if not head and not parts:
+        part = _next_part(f)
+        if part is None:
+            if parts:
+                raise RecordIOError(f"truncated record at byte {f.tell()}: its last part is missing")
             return None
-        if len(head) < 8:
-            raise RecordIOError(f"truncated record header at byte {f.tell() - len(head)}")
-        magic, lrec = struct.unpack("<II", head)
-        if magic != MAGIC:
-            raise RecordIOError(f"bad magic 0x{magic:08x} at byte {f.tell() - 8} (not a RecordIO file?)")
-        cflag, length = lrec >> 29, lrec & _LEN_MASK
-        data = f.read(length + (-length % 4))[:length]
-        if len(data) < length:
+        cflag, length = part
+        have += 4 if parts else 0
+        take = length if size is None else max(0, min(length, size - have))
+        data = f.read(take + (-length % 4 if take == length else 0))[:take]
+        if len(data) < take:
             raise RecordIOError(f"truncated record at byte {f.tell()}: wanted {length} bytes")
         parts.append(data)
-        if cflag in (0, 3):
+        have += take
+        if cflag in (0, 3) or (size is not None and have >= size):
             return _MAGIC_BYTES.join(parts)
+
+
+def read_record_at(f: BinaryIO, offset: int, size: int | None = None) -> bytes:
+    """The record starting at byte `offset` (a train.idx offset); see read_record for `size`."""
+    f.seek(offset)
+    record = read_record(f, size)
+    if record is None:
+        raise RecordIOError(f"offset {offset} is past the end of {getattr(f, 'name', 'the file')}")
+    return record
+
+
+LABEL_BYTES = IR_SIZE + 4  # a record's header and its first array label: all record_label needs
+
+
+def record_label(record: bytes) -> int:
+    """The identity in a record's header: its scalar label, or the first value of its label array."""
+    if len(record) < IR_SIZE:
+        raise RecordIOError(f"record of {len(record)} bytes is shorter than its {IR_SIZE}-byte header")
+    flag, label = struct.unpack_from("<If", record)
+    if flag > 0:
+        if len(record) < LABEL_BYTES:
+            raise RecordIOError(f"record header announces {flag} float labels but has none")
+        (label,) = struct.unpack_from("<f", record, IR_SIZE)
+    if not np.isfinite(label):
+        raise RecordIOError(f"record label {label} is not a number")
+    return int(label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,20 +242,22 @@ class RecordIOReader:
         header, _ = unpack(self.read_idx(self.header0[0] + identity))
         return int(header.label[0]), int(header.label[1])
 
-    def read_idx(self, key: int) -> bytes:
+    def read_idx(self, key: int, size: int | None = None) -> bytes:
+        """Record `key`'s payload (its first `size` bytes when given: see read_record)."""
         if key not in self.offsets:
             raise RecordIOError(f"key {key} is not in {self.idx_path}")
-        f = self._handle()
-        f.seek(self.offsets[key])
-        record = read_record(f)
-        if record is None:
-            raise RecordIOError(f"key {key}: offset {self.offsets[key]} is past the end of {self.rec_path}")
-        return record
+        try:
+            return read_record_at(self._handle(), self.offsets[key], size)
+        except RecordIOError as err:
+            raise RecordIOError(f"key {key}: {err}") from None
 
     def read(self, key: int) -> RecordIOSample:
-        header, image = unpack(self.read_idx(key))
-        label = header.label[0] if header.flag > 0 else header.label
-        return RecordIOSample(key, int(label), image)
+        record = self.read_idx(key)
+        return RecordIOSample(key, record_label(record), unpack(record)[1])
+
+    def label(self, key: int) -> int:
+        """Record `key`'s identity, from its header alone (the image bytes stay on disk)."""
+        return record_label(self.read_idx(key, LABEL_BYTES))
 
     def __len__(self) -> int:
         return len(self.image_keys)
