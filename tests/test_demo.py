@@ -3,8 +3,11 @@ measured outside the test suite, it takes minutes)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+
 from ranray.cli import main
+from ranray.commands.demo import prepare_data
 from ranray.tracking import find_runs
 
 
@@ -26,3 +29,12 @@ def test_demo_runs_every_stage_and_prints_the_summary(ray_session, tmp_path, cap
     (run,) = find_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "ranray-demo")
     assert run["status"] == "FINISHED"
 
+
+    # A later demo reuses the prepared data only when it was made with the same options.
+    first = (workdir / "prepared" / "manifest.json").stat().st_mtime_ns
+    prepare_data(workdir, argparse.Namespace(n=160, seed=0, fresh=False), {})
+    assert "reusing the prepared synthetic data" in capsys.readouterr().out
+    assert (workdir / "prepared" / "manifest.json").stat().st_mtime_ns == first
+    prepare_data(workdir, argparse.Namespace(n=120, seed=0, fresh=False), {})
+    assert "made with other options" in capsys.readouterr().out
+    assert json.loads((workdir / "prepared" / "manifest.json").read_text())["rows_in"] == 120

@@ -12,6 +12,7 @@ regenerates them); every demo trains a new run.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
@@ -24,7 +25,7 @@ TARGET_CLEAN_ACCURACY = 0.80
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where data, runs and MLflow go (default runs/demo)")
-    parser.add_argument("--n", type=int, default=2400, help="synthetic images (default 2400)")
+    parser.add_argument("--n", type=int, default=2000, help="synthetic images (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="the training job (default jobs/demo.yaml)")
     parser.add_argument("--fresh", action="store_true", help="regenerate the synthetic and prepared data")
@@ -61,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
 
 def prepare_data(workdir: Path, args: argparse.Namespace, times: dict[str, float]) -> None:
     """Synthesize and prepare (on Ray Data) into workdir/prepared, unless an earlier demo did."""
-    synth_dir, data_dir = workdir / "synth", workdir / "prepared"
+    synth_dir, data_dir, made_with = workdir / "synth", workdir / "prepared", workdir / "data_options.json"
+    wanted = {"n": args.n, "seed": args.seed}
     if (data_dir / "manifest.json").is_file() and not args.fresh:
-        print(f"reusing the prepared synthetic data in {data_dir} (--fresh regenerates it)")
-        return
+        if made_with.is_file() and json.loads(made_with.read_text()) == wanted:
+            print(f"reusing the prepared synthetic data in {data_dir} (--fresh regenerates it)")
+            return
+        print(f"the data in {data_dir} was made with other options than {wanted}: regenerating it")
     from ranray.data.prepare import prepare
     from ranray.data.synth import SynthOptions, synthesize
 
@@ -75,6 +79,7 @@ def prepare_data(workdir: Path, args: argparse.Namespace, times: dict[str, float
     started = time.perf_counter()
     summary_line = prepare(synth.prepare_config(data_dir, overwrite=True)).line()
     times["prepare"] = time.perf_counter() - started
+    made_with.write_text(json.dumps(wanted))
     print(summary_line)
 
 
