@@ -320,14 +320,23 @@ def train_step(w: Worker, batch: dict[str, Any]) -> float:
         out = w.model(batch["images"], w.landmarks(batch))
     loss = (expression_loss(out.logits, batch["labels"], batch["targets"], w.cfg.data.label_mode)
             + region_biased_loss(out.mu, w.cfg.model.rb_margin))
-    w.optimizer.zero_grad(set_to_none=True)
+    return apply_gradients(w, loss, [(w.optimizer, w.scheduler)], w.net.parameters())
+
+
+def apply_gradients(w: Any, loss: torch.Tensor, steppers: list[tuple[Any, Any]], clipped) -> float:
+    """Backward, clip `clipped` (after unscaling the first optimizer), step every (optimizer,
+    scheduler); the loss as a float, or an error naming the rank and step when it is not finite."""
+    for optimizer, _ in steppers:
+        optimizer.zero_grad(set_to_none=True)
     w.scaler.scale(loss).backward()
     if w.cfg.optim.grad_clip > 0:
-        w.scaler.unscale_(w.optimizer)  # clip the true gradients, not the fp16-scaled ones
-        nn.utils.clip_grad_norm_(w.net.parameters(), w.cfg.optim.grad_clip)
-    w.scaler.step(w.optimizer)
+        w.scaler.unscale_(steppers[0][0])  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(clipped, w.cfg.optim.grad_clip)
+    for optimizer, _ in steppers:
+        w.scaler.step(optimizer)
     w.scaler.update()
-    w.scheduler.step()
+    for _, scheduler in steppers:
+        scheduler.step()
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(f"rank {w.rank}: the loss is {value} at step {w.state.step + 1}; "

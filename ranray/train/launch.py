@@ -186,23 +186,30 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None, storage_path
 # ---------------------------------------------------------------------------------------------
 
 
-def run_training(cfg: TrainConfig, *, run_name: str | None = None) -> TrainingResult:
-    """Check, start Ray if needed, train, and return where everything is."""
+def open_run(cfg: Any, name: str, run_dir: Path, final: Path, tags: dict[str, str]) -> tuple[bool, Any, str]:
+    """Refuse a finished run; save the config (or check it against a resumed run's), start Ray and
+    the MLflow run (the same one again when resumed): (resumed, tracker, MLflow run id)."""
     from ranray.tracking import Tracker
 
-    preflight(cfg)
-    name = run_name or resolve_run_name(cfg)
-    run_dir = run_dir_for(resolve_storage_path(cfg), name)
-    final = run_dir / "model" / "final.pt"
     if final.exists():
         raise ConfigError(f"run '{name}' already finished ({final}); set run.name to start a new run")
     resumed = (run_dir / CONFIG_FILE).exists()
     _record_config(cfg, run_dir, resumed)
     _ensure_ray()
     tracker = Tracker(cfg.tracking, run_dir)
-    run_id = tracker.start(name, params=flatten(cfg), tags={"job": "train", "train_subset": cfg.data.train_subset},
-                           resume=True)
+    run_id = tracker.start(name, params=flatten(cfg), tags=tags, resume=True)
     tracker.log_artifact(run_dir / CONFIG_FILE)
+    return resumed, tracker, run_id
+
+
+def run_training(cfg: TrainConfig, *, run_name: str | None = None) -> TrainingResult:
+    """Check, start Ray if needed, train, and return where everything is."""
+    preflight(cfg)
+    name = run_name or resolve_run_name(cfg)
+    run_dir = run_dir_for(resolve_storage_path(cfg), name)
+    final = run_dir / "model" / "final.pt"
+    resumed, tracker, run_id = open_run(cfg, name, run_dir, final,
+                                        tags={"job": "train", "train_subset": cfg.data.train_subset})
     started = time.perf_counter()
     with tracker:  # FAILED if fit raises (workers out of retries), else FINISHED
         result = build_trainer(cfg, run_name=name, tracking_run_id=run_id).fit()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -352,26 +351,14 @@ def run_epoch(w: PretrainWorker) -> None:
 
 
 def train_step(w: PretrainWorker, batch: dict[str, Any]) -> float:
+    from ranray.train.finetune import apply_gradients
+
     with w.autocast():
         embeddings = w.model(batch["images"])
         loss = w.head(embeddings, batch["labels"])  # matmul under autocast; margin and softmax float32
-    w.optimizer.zero_grad(set_to_none=True)
-    w.head_optimizer.zero_grad(set_to_none=True)
-    w.scaler.scale(loss).backward()
-    if w.cfg.optim.grad_clip > 0:
-        # The backbone only, as insightface: the centres' sparse rows are bounded by the margin softmax.
-        w.scaler.unscale_(w.optimizer)
-        nn.utils.clip_grad_norm_(w.backbone.parameters(), w.cfg.optim.grad_clip)
-    w.scaler.step(w.optimizer)
-    w.scaler.step(w.head_optimizer)
-    w.scaler.update()
-    w.scheduler.step()
-    w.head_scheduler.step()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"rank {w.rank}: the loss is {value} at step {w.state.step + 1}; "
-                                 "lower optim.lr or use precision=bf16/fp32")
-    return value
+    # Clip the backbone only, as insightface: the centres' sparse rows are bounded by the margin softmax.
+    return apply_gradients(w, loss, [(w.optimizer, w.scheduler), (w.head_optimizer, w.head_scheduler)],
+                           w.backbone.parameters())
 
 
 def end_epoch(w: PretrainWorker) -> None:
@@ -570,23 +557,14 @@ def build_trainer(cfg: PretrainConfig, plan: PretrainPlan, *, run_name: str, sto
 
 def run_pretraining(cfg: PretrainConfig, *, run_name: str | None = None):
     """Check, start Ray if needed, pretrain, and return where everything is (a launch.TrainingResult)."""
-    from ranray.tracking import Tracker
-    from ranray.train.launch import (CONFIG_FILE, TrainingResult, _ensure_ray, _record_config,
-                                     resolve_storage_path, run_dir_for)
+    from ranray.train.launch import CONFIG_FILE, TrainingResult, open_run, resolve_storage_path, run_dir_for
 
     plan = preflight(cfg)
     name = run_name or resolve_run_name(cfg)
     storage = resolve_storage_path(cfg)
     run_dir = run_dir_for(storage, name)
     final = run_dir / MODEL_DIR / BACKBONE_FINAL
-    if final.exists():
-        raise ConfigError(f"run '{name}' already finished ({final}); set run.name to start a new run")
-    resumed = (run_dir / CONFIG_FILE).exists()
-    _record_config(cfg, run_dir, resumed)
-    _ensure_ray()
-    tracker = Tracker(cfg.tracking, run_dir)
-    run_id = tracker.start(name, params=flatten(cfg), tags={"job": "pretrain"}, resume=True)
-    tracker.log_artifact(run_dir / CONFIG_FILE)
+    resumed, tracker, run_id = open_run(cfg, name, run_dir, final, tags={"job": "pretrain"})
     started = time.perf_counter()
     with tracker:
         result = build_trainer(cfg, plan, run_name=name, storage_path=storage, tracking_run_id=run_id).fit()
