@@ -1,10 +1,9 @@
-"""Checkpoints: atomic save, verified load, weights_only, RNG restore, newest good, pruning."""
+"""Checkpoints: atomic save, verified load, weights_only, RNG restore, Ray directories, export."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import tempfile
 from pathlib import Path
@@ -15,9 +14,8 @@ import torch
 import yaml
 
 from ranray.train.checkpoint import (
-    CheckpointError, capture_rng_state, export_model, latest_good_checkpoint, list_checkpoints,
-    load_checkpoint, load_from_ray_checkpoint, manifest_path, prune_checkpoints, restore_rng_state,
-    save_checkpoint, save_to_ray_checkpoint_dir,
+    STATE_FILE, CheckpointError, capture_rng_state, export_model, load_checkpoint, manifest_path,
+    restore_rng_state, save_checkpoint, verify_checkpoint,
 )
 
 
@@ -71,19 +69,16 @@ def test_restored_rng_state_replays_the_same_random_numbers(tmp_path: Path) -> N
     assert again == first
 
 
-def test_truncated_latest_is_skipped_and_refused_by_name(tmp_path: Path, caplog) -> None:
-    for step in (10, 20, 30):
+def test_a_truncated_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    for step in (20, 30):
         save_checkpoint(_state(step), tmp_path / f"ckpt_{step}.pt")
     latest = tmp_path / "ckpt_30.pt"
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])
 
-    with caplog.at_level(logging.WARNING, logger="ranray.train.checkpoint"):
-        good = latest_good_checkpoint(tmp_path)
-    assert good == tmp_path / "ckpt_20.pt"
-    assert load_checkpoint(good)["step"] == 20
-    assert "ckpt_30.pt" in caplog.text
-
+    assert load_checkpoint(tmp_path / "ckpt_20.pt")["step"] == 20  # its neighbour is untouched
+    with pytest.raises(CheckpointError, match="ckpt_30.pt.*truncated"):
+        verify_checkpoint(latest)
     with pytest.raises(CheckpointError, match="ckpt_30.pt.*truncated"):
         load_checkpoint(latest)
 
@@ -101,7 +96,6 @@ def test_a_state_file_without_manifest_was_never_committed(tmp_path: Path) -> No
     torch.save({"w": torch.ones(2)}, tmp_path / "orphan.pt")
     with pytest.raises(CheckpointError, match="orphan.pt has no manifest"):
         load_checkpoint(tmp_path / "orphan.pt")
-    assert latest_good_checkpoint(tmp_path) is None
 
 
 @pytest.mark.parametrize("bad, where", [
@@ -126,28 +120,17 @@ def test_a_pickled_object_smuggled_past_save_is_refused_at_load(tmp_path: Path) 
 
 
 def test_ray_checkpoint_directories_share_the_format(tmp_path: Path) -> None:
+    """As the trainers report them: DIR/state.pt + manifest, persisted by Ray, loaded by directory."""
     from ray.train import Checkpoint
 
-    runs = tmp_path / "run"
-    for step in (5, 15):
-        with tempfile.TemporaryDirectory() as tmp:
-            save_to_ray_checkpoint_dir({"step": step, "w": torch.full((2,), float(step))}, tmp)
-            # What Ray Train does with a reported checkpoint: persist the directory under storage.
-            Checkpoint.from_directory(tmp).to_directory(str(runs / f"checkpoint_{step:06d}"))
-    newest = latest_good_checkpoint(runs)
-    assert newest == runs / "checkpoint_000015" / "state.pt"
-    state = load_from_ray_checkpoint(Checkpoint.from_directory(str(newest.parent)))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint({"step": 15, "w": torch.full((2,), 15.0)}, Path(tmp) / STATE_FILE)
+        # What Ray Train does with a reported checkpoint: persist the directory under storage.
+        Checkpoint.from_directory(tmp).to_directory(str(tmp_path / "checkpoint_000015"))
+    persisted = tmp_path / "checkpoint_000015"
+    assert verify_checkpoint(persisted)["step"] == 15
+    state = load_checkpoint(persisted)
     assert state["step"] == 15 and torch.equal(state["w"], torch.full((2,), 15.0))
-
-
-def test_prune_keeps_the_newest_intact_and_the_protected(tmp_path: Path) -> None:
-    for step in range(1, 6):
-        save_checkpoint({"step": step, "w": torch.ones(64)}, tmp_path / f"c{step}.pt")
-    (tmp_path / "c5.pt").write_bytes(b"trunc")  # the newest is damaged
-    removed = prune_checkpoints(tmp_path, keep=2, protect=[tmp_path / "c1.pt"])
-    assert sorted(p.name for p in removed) == ["c2.pt", "c5.pt"]
-    assert [e.step for e in list_checkpoints(tmp_path)] == [1, 3, 4]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt") == ["c1.pt", "c3.pt", "c4.pt"]
 
 
 def test_export_model_strips_wrappers_and_writes_its_config(tmp_path: Path) -> None:

@@ -3,21 +3,27 @@ bad input, augmentation. Real DALI (CPU, device_id=None), real Parquet shards, r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import shutil
 import sys
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from ranray.config import AugmentConfig
 from ranray.data.loader import FLIP_68, build_loader
-from ranray.data.schema import FACE_SIZE, FLAG_OCCLUSION, NUM_LANDMARKS
+from ranray.data.schema import (FACE_SIZE, FLAG_OCCLUSION, NUM_LANDMARKS, PIXEL_MEAN, PIXEL_STD, denormalize,
+                                normalize, shard_paths)
 from ranray.data.shards import num_batches, plan_rank
+from ranray.train.evaluate import face_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shard_fixtures import template_landmarks, write_dataset  # noqa: E402
@@ -213,13 +219,39 @@ def test_output_contract_and_channels_last(data_dir):
     torch.testing.assert_close(cl["images"], plain["images"])
 
 
-def test_dali_and_torch_paths_agree(data_dir):
-    def run(backend: str, **kw) -> list[dict]:
-        return list(build_loader(data_dir, "train", batch_size=8, seed=1, backend=backend, num_threads=1, **kw))
+def _lossless_copy(src: Path, dst: Path, split: str) -> Path:
+    """The prepared dataset `src` with `split`'s faces re-encoded as PNG: every decoder then agrees."""
+    shutil.copytree(src, dst)
+    for path in shard_paths(dst, split):
+        table = pq.read_table(path)
+        png = []
+        for data in table.column("image").to_pylist():
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(data)).convert("RGB").save(buf, "PNG")
+            png.append(buf.getvalue())
+        table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(png, pa.binary()))
+        groups = pq.ParquetFile(src / split / path.name).metadata.row_group(0).num_rows
+        pq.write_table(table, path, row_group_size=groups)  # the same blocks as the original
+    return dst
 
-    for kw, max_tol, mean_tol in [({}, 2 / 127.5, 0.1 / 127.5),  # decoding only
-                                  ({"training": True}, 4 / 127.5, 1 / 127.5)]:  # with every augmentation
-        dali, tch = run("dali", **kw), run("torch", **kw)
+
+def _faces(data: Path, split: str) -> dict[str, Image.Image]:
+    """key -> the stored face, decoded as `predict` gets an aligned one (an RGB PIL image)."""
+    return {key: Image.open(io.BytesIO(image)).convert("RGB")
+            for path in shard_paths(data, split)
+            for key, image in zip(*pq.read_table(path, columns=["key", "image"]).to_pydict().values())}
+
+
+def test_dali_torch_and_prediction_inputs_agree(data_dir, tmp_path):
+    """Both loader backends and prediction's preprocessing (ranray.train.evaluate.face_tensor) feed
+    the model the same normalised tensor for the same face (ranray.data.schema.normalize)."""
+    def run(data: Path, backend: str, **kw) -> list[dict]:
+        return list(build_loader(data, "train", batch_size=8, seed=1, backend=backend, num_threads=1, **kw))
+
+    # JPEG as prepared: DALI's decoder may round a level differently from PIL's
+    for kw, max_tol, mean_tol in [({}, 2 / PIXEL_STD, 0.1 / PIXEL_STD),  # decoding only
+                                  ({"training": True}, 4 / PIXEL_STD, 1 / PIXEL_STD)]:  # with every augmentation
+        dali, tch = run(data_dir, "dali", **kw), run(data_dir, "torch", **kw)
         assert len(dali) == len(tch) > 0
         for a, b in zip(dali, tch):
             assert a["keys"] == b["keys"]
@@ -227,6 +259,36 @@ def test_dali_and_torch_paths_agree(data_dir):
             torch.testing.assert_close(a["landmarks"], b["landmarks"])
             diff = (a["images"] - b["images"]).abs()
             assert diff.max() <= max_tol and diff.mean() <= mean_tol, (kw, diff.max(), diff.mean())
+
+    # Lossless faces: all three see the same pixels, so only the normalisation is left to differ
+    lossless = _lossless_copy(data_dir, tmp_path / "png", "train")
+    faces = _faces(lossless, "train")
+    dali, tch = run(lossless, "dali"), run(lossless, "torch")
+    assert len(dali) == len(tch) > 0
+    for a, b in zip(dali, tch):
+        assert a["keys"] == b["keys"]
+        pixels = torch.from_numpy(np.stack([np.asarray(faces[k]) for k in b["keys"]])).permute(0, 3, 1, 2)
+        assert torch.equal(b["images"], normalize(pixels))
+        assert torch.equal(torch.cat([face_tensor(faces[k]) for k in b["keys"]]), b["images"])
+        # crop_mirror_normalize multiplies by 1 / std where torch divides: the last bit may differ
+        torch.testing.assert_close(a["images"], b["images"], rtol=0, atol=1e-6)
+        assert torch.equal(denormalize(b["images"]), pixels)  # (DALI's, a last bit low, may truncate a level low)
+
+
+def test_denormalize_inverts_normalize():
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
+    as_numpy, as_torch = normalize(levels), normalize(torch.from_numpy(levels))
+    assert as_numpy.dtype == np.float32 and as_torch.dtype == torch.float32
+    assert np.array_equal(as_numpy, as_torch.numpy())  # one formula, whichever array type
+    assert as_numpy.min() == -1.0 and as_numpy.max() == 1.0  # 0..255 -> [-1, 1]
+    assert np.array_equal(as_numpy, (levels.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD)
+    assert np.array_equal(denormalize(as_numpy), levels)
+    assert torch.equal(denormalize(as_torch), torch.from_numpy(levels))
+    floats = torch.from_numpy(levels).float()
+    assert normalize(floats, inplace=True) is floats and torch.equal(floats, as_torch)
+    assert normalize(levels) is not levels and levels.dtype == np.uint8  # integer input: never overwritten
+    # augmented values may leave [-1, 1]; for display they are clipped
+    assert denormalize(np.array([-1.5, -1.0, 1.0, 1.2], np.float32)).tolist() == [0, 0, 255, 255]
 
 
 def test_subset_filters_rows_by_flag(data_dir):
@@ -329,7 +391,7 @@ def test_rotation_scale_flip_move_landmarks_with_the_pixels(tmp_path, backend):
                         saturation=0.0, blur_prob=0.0, erase_prob=0.0)
     batch = next(iter(build_loader(data, "train", batch_size=12, training=True, augment=geo, backend=backend,
                                    num_threads=1, seed=2)))
-    imgs = batch["images"].numpy() * 127.5 + 127.5
+    imgs = batch["images"].numpy() * PIXEL_STD + PIXEL_MEAN
     lms = batch["landmarks"].numpy()
     states = set()
     for img, lm in zip(imgs, lms):

@@ -35,7 +35,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from ranray.data.schema import FACE_SIZE
+from ranray.data.schema import FACE_SIZE, PIXEL_MEAN, PIXEL_STD
 
 if TYPE_CHECKING:
     from ranray.data.loader import HostBatch
@@ -135,7 +135,7 @@ class DaliRunner:
             decoded = fn.decoders.image(inputs[0], device="mixed" if s.gpu else "cpu", output_type=types.RGB)
             images = _augment_graph(decoded, inputs[1:]) if s.augment else decoded
             images = fn.crop_mirror_normalize(
-                images, crop=FACE_SHAPE[:2], out_of_bounds_policy="pad", mean=127.5, std=127.5,
+                images, crop=FACE_SHAPE[:2], out_of_bounds_policy="pad", mean=PIXEL_MEAN, std=PIXEL_STD,
                 dtype=types.FLOAT, output_layout="HWC" if s.channels_last else "CHW")
             return images, decoded.shape(device="cpu")
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ranray.config import SUBSETS, AugmentConfig
-from ranray.data.schema import FACE_SIZE, read_manifest
+from ranray.data.schema import FACE_SIZE, normalize, read_manifest
 from ranray.data.shards import (BlockReader, RankPlan, Rows, SplitIndex, build_index, ensure_split,
                                 epoch_order, num_batches, plan_rank)
 
@@ -236,7 +236,7 @@ def torch_pixels(host: HostBatch) -> torch.Tensor:
     x = torch.from_numpy(host.pixels).permute(0, 3, 1, 2).float()
     if host.params is not None:
         x = _augment_torch(x, host.params)
-    return x.sub_(127.5).div_(127.5)
+    return normalize(x, inplace=True)
 
 
 def _augment_torch(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:

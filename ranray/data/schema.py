@@ -5,20 +5,30 @@ A prepared dataset is a directory:
     <split>/part-NNNNN.parquet shards with SHARD_SCHEMA
     rejects.parquet            REJECT_SCHEMA: every input row that was not written, with its reason
 Invariant (checked by prepare, stored in the manifest): rows_in == rows_written + rows_rejected.
+
+Pixels: every reader hands the model (pixel - PIXEL_MEAN) / PIXEL_STD, 0..255 -> [-1, 1]: the torch
+loader and prediction through `normalize`, the DALI pipeline through crop_mirror_normalize's mean and
+std; `denormalize` turns such tensors back into uint8 pixels for display.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
 FACE_SIZE = 112
 NUM_LANDMARKS = 68
 NUM_VOTES = 10  # FERPlus: 8 emotions + unknown + NF
+
+# Pixel normalisation of every model input (see `normalize`). PIXEL_STD is a divisor, not a factor:
+# x / PIXEL_STD and x * (1 / PIXEL_STD) differ in the last bit for some pixels; the loaders divide.
+PIXEL_MEAN = 127.5
+PIXEL_STD = 127.5
 
 # Row flags (a bitmask), so evaluation can report the RAN paper's subsets separately.
 FLAG_OCCLUSION = 1
@@ -70,3 +80,37 @@ def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
     if not paths:
         raise DatasetError(f"{data_dir}: split '{split}' has no shards")
     return paths
+
+
+Pixels = TypeVar("Pixels")  # a torch.Tensor or a numpy array (this module does not import torch)
+
+
+def normalize(pixels: Pixels, *, inplace: bool = False) -> Pixels:
+    """(pixels - PIXEL_MEAN) / PIXEL_STD, as float32 (a float input keeps its dtype).
+
+    `pixels`: uint8, or floats on the 0..255 scale (augmented images may leave it), as a torch
+    tensor or a numpy array; the result is of the same kind. `inplace` overwrites a float input
+    instead of allocating; an integer input is always converted into a new array first.
+    """
+    if isinstance(pixels, np.ndarray):
+        x = pixels if np.issubdtype(pixels.dtype, np.floating) else pixels.astype(np.float32)
+    else:
+        x = pixels if pixels.is_floating_point() else pixels.float()
+    if not inplace and x is pixels:
+        return (x - PIXEL_MEAN) / PIXEL_STD
+    x -= PIXEL_MEAN
+    x /= PIXEL_STD
+    return x
+
+
+def denormalize(x: Pixels) -> Pixels:
+    """uint8 pixels from normalised values (torch tensor or numpy array): clipped to 0..255, truncated.
+
+    For display (augmented values off the 0..255 scale are clipped). Inverts `normalize`'s output
+    exactly; a value a last bit below it (DALI's crop_mirror_normalize multiplies by 1 / std) may
+    come back one level lower.
+    """
+    pixels = x * PIXEL_STD + PIXEL_MEAN
+    if isinstance(pixels, np.ndarray):
+        return np.clip(pixels, 0, 255).astype(np.uint8)
+    return pixels.clamp(0, 255).byte()

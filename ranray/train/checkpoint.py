@@ -12,9 +12,10 @@ only tensors, numbers, strings, bools, None, bytes and dict / list / tuple / set
 torch.Size / dtype / device). numpy arrays and scalars are refused at save time: RNG states are
 stored as tensors by `capture_rng_state()` for exactly this reason.
 
-Layouts that `latest_good_checkpoint` and `prune_checkpoints` understand, mixed freely:
-    DIR/<anything>.pt (+ .meta.json)          files written by save_checkpoint
-    DIR/<subdir>/state.pt (+ .meta.json)      directories, e.g. Ray Train checkpoint dirs
+A Ray Train checkpoint is a directory holding STATE_FILE (state.pt) and its manifest (the trainers
+add one file per rank beside it); `load_checkpoint` and `verify_checkpoint` take either the state
+file or such a directory. Choosing the newest checkpoint of a run that verifies is done where Ray
+hands checkpoints out (ranray.train.finetune.pick_good_checkpoint), not here.
 """
 
 from __future__ import annotations
@@ -22,22 +23,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-
-log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 MANIFEST_SUFFIX = ".meta.json"
@@ -166,116 +163,6 @@ def check_weights_only(obj: Any, where: str = "state") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding and pruning
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointEntry:
-    state_file: Path
-    container: Path  # what pruning removes: the state file, or the directory that holds it
-    step: int
-    mtime: float
-
-    @property
-    def sort_key(self) -> tuple[int, float, str]:
-        return (self.step, self.mtime, str(self.state_file))
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointEntry]:
-    """Committed checkpoints (those with a readable manifest) in `directory`, oldest first.
-
-    Ordered by the step in the manifest; a manifest without a step sorts first, then by time.
-    Nothing is hashed here.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    entries = []
-    for state_file, container in _candidates(directory):
-        try:
-            manifest = read_manifest(state_file)
-        except CheckpointError as exc:
-            log.warning("ignoring %s: %s", state_file, exc)
-            continue
-        step = manifest.get("step")
-        entries.append(CheckpointEntry(state_file, container, step if isinstance(step, int) else -1,
-                                       manifest_path(state_file).stat().st_mtime))
-    return sorted(entries, key=lambda e: e.sort_key)
-
-
-def latest_good_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The state file of the newest checkpoint in `directory` that verifies, or None.
-
-    A newer checkpoint that fails verification (truncated copy, disk full, half an upload) is
-    skipped with a warning instead of stopping a resume that has an older good one.
-    """
-    for entry in reversed(list_checkpoints(directory)):
-        try:
-            verify_checkpoint(entry.state_file)
-        except CheckpointError as exc:
-            log.warning("skipping a bad checkpoint: %s", exc)
-            continue
-        return entry.state_file
-    return None
-
-
-def prune_checkpoints(directory: str | os.PathLike, keep: int,
-                      protect: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """Remove all but the newest `keep` intact checkpoints; returns what was removed.
-
-    Intact means the size matches the manifest (cheap; catches truncation), so a damaged newest
-    checkpoint never pushes the last good one out; damaged ones are removed once an intact one is
-    kept. `protect` (e.g. the best checkpoint) is never removed and does not count.
-    """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    protected = {Path(p).resolve() for p in protect}
-    entries = [e for e in list_checkpoints(directory)
-               if e.state_file.resolve() not in protected and e.container.resolve() not in protected]
-    intact = [e for e in reversed(entries) if _size_matches(e.state_file)][:keep]
-    if not intact:
-        return []  # nothing good to fall back on: leave everything for a human to look at
-    removed = []
-    for entry in entries:
-        if entry not in intact:
-            _remove(entry)
-            removed.append(entry.container)
-    return removed
-
-
-def _candidates(directory: Path) -> list[tuple[Path, Path]]:
-    found = []
-    for child in directory.iterdir():
-        if child.name.startswith("."):
-            continue
-        if child.is_dir():
-            state = child / STATE_FILE
-            if state.exists() or manifest_path(state).exists():
-                found.append((state, child))
-        elif child.name.endswith(MANIFEST_SUFFIX):
-            state = child.with_name(child.name[: -len(MANIFEST_SUFFIX)])
-            found.append((state, state))
-    return found
-
-
-def _size_matches(state_file: Path) -> bool:
-    try:
-        return state_file.is_file() and state_file.stat().st_size == read_manifest(state_file)["size"]
-    except CheckpointError:
-        return False
-
-
-def _remove(entry: CheckpointEntry) -> None:
-    if entry.container.is_dir():
-        shutil.rmtree(entry.container, ignore_errors=True)
-        return
-    # The manifest first: a crash between the two leaves an uncommitted file, never a dangling manifest.
-    manifest_path(entry.state_file).unlink(missing_ok=True)
-    entry.state_file.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # RNG state
 # ---------------------------------------------------------------------------------------------
 
@@ -314,19 +201,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Train and export
+# Export
 # ---------------------------------------------------------------------------------------------
-
-
-def save_to_ray_checkpoint_dir(state: Mapping[str, Any], directory: str | os.PathLike) -> Path:
-    """Write `state` as DIRECTORY/state.pt (+ manifest) for `ray.train.Checkpoint.from_directory`."""
-    return save_checkpoint(state, Path(directory) / STATE_FILE).parent
-
-
-def load_from_ray_checkpoint(checkpoint: Any, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load the state from a `ray.train.Checkpoint` (local or remote storage alike)."""
-    with checkpoint.as_directory() as directory:
-        return load_checkpoint(Path(directory) / STATE_FILE, map_location=map_location)
 
 
 def export_model(state_dict: Mapping[str, torch.Tensor], config: Any,

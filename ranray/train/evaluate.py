@@ -25,6 +25,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from ranray.config import CLASS_NAMES, TrainConfig, from_dict
+from ranray.data.schema import normalize
 from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.models.ran import LANDMARK_GROUPS
 from ranray.train.checkpoint import (STATE_FILE, CheckpointError, load_checkpoint, manifest_path,
@@ -234,10 +235,14 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], *, detector: s
     return predictions
 
 
+def face_tensor(face: Image.Image | np.ndarray) -> torch.Tensor:
+    """(1, 3, S, S) float32 model input for one aligned RGB face, normalised as the loaders do."""
+    return normalize(torch.from_numpy(np.asarray(face, dtype=np.float32)).permute(2, 0, 1)[None])
+
+
 @torch.no_grad()
 def _classify(trained: TrainedModel, image: str, box: tuple[float, ...], aligned: Any) -> FacePrediction:
-    pixels = torch.from_numpy(np.asarray(aligned.image, dtype=np.float32)).permute(2, 0, 1)[None]
-    x = (pixels - 127.5) / 127.5
+    x = face_tensor(aligned.image)
     landmarks = torch.from_numpy(aligned.landmarks)[None] if trained.uses_landmarks else None
     out = trained.net(x, landmarks)
     probs = torch.softmax(out.logits[0].float(), 0).tolist()

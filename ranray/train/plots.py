@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ranray.data.schema import denormalize
+
 DPI = 100
 FACE_INCHES = 2.4
 
@@ -93,8 +95,8 @@ def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Seque
                          class_names: Sequence[str] | None = None, max_cols: int = 4) -> Path:
     """A grid of faces, each region drawn as a box labelled with its attention weights.
 
-    images (N, 3, H, W) normalised as the loader yields them, (x - 127.5) / 127.5; boxes (N, K, 4)
-    as (x0, y0, x1, y1) pixels, region 0 the whole face; mu / nu (N, K) self- and
+    images (N, 3, H, W) normalised as the loader yields them (ranray.data.schema.normalize);
+    boxes (N, K, 4) as (x0, y0, x1, y1) pixels, region 0 the whole face; mu / nu (N, K) self- and
     relation-attention weights. Box colour and line width grow with mu; the whole face's weights
     go in the title because its box is the image border.
     """
@@ -116,7 +118,7 @@ def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Seque
 
 def _face_panel(ax: Any, image: np.ndarray, boxes: np.ndarray, mu: np.ndarray, nu: np.ndarray,
                 pred: int, label: int, names: list[str] | None) -> None:
-    rgb = np.clip(image.transpose(1, 2, 0) * 127.5 + 127.5, 0, 255).astype(np.uint8)
+    rgb = denormalize(image.transpose(1, 2, 0))
     ax.imshow(rgb)
     span = float(mu.max() - mu.min()) or 1.0
     for k in range(1, boxes.shape[0]):
