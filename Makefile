@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ranray-installed
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS='--n 400 epochs=1' (CI runs the demo shortened this way)
+DEMO_ARGS ?=
 
 .PHONY: venv test test-cluster demo bench clean
 # The multi-node job tests (demo job on a local 4-node cluster, node and driver kills) run on their
@@ -24,7 +26,7 @@ test-cluster: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) $(CLUSTER_JOB_TESTS)
 
 demo: $(STAMP)
-	$(VENV)/bin/ranray demo
+	$(VENV)/bin/ranray demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

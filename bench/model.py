@@ -1,18 +1,23 @@
 """RAN forward+backward throughput: all K regions folded into one backbone call vs a Python loop
-over the regions (how the reference RAN code runs), per backbone and precision.
+over the regions (how the reference RAN code runs), per backbone, precision and memory format.
 
-    python bench/model.py                      # CPU: iresnet50 + iresnet_tiny, fp32 + bf16, batch 8, K=6
+    python bench/model.py                      # CPU: iresnet50 + iresnet_tiny, fp32 + bf16, NCHW + NHWC
     python bench/model.py --gpu                # the same on CUDA, plus fp16
-    python bench/model.py --backbones iresnet18 --precisions bf16 --min-time 20
+    python bench/model.py --backbones iresnet18 --precisions bf16 --formats contiguous --min-time 20
 
-Folded and looped steps alternate on the same model, so background load hits both alike.
-The table is printed and appended to bench/RESULTS.md.
+Folded and looped steps alternate on the same model, so background load hits both alike. Each
+cell runs in a child process: a kernel that crashes on this CPU (oneDNN's AVX-512 NHWC backward
+does, see ranray/hardware.py) becomes a row saying so instead of ending the benchmark.
+The table, with the CPU's flags, is printed and appended to bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import report  # noqa: E402
 
+from ranray.hardware import cpu_info  # noqa: E402
 from ranray.models import RANConfig, RegionAttentionNetwork, region_biased_loss  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,10 +62,12 @@ def step(net, forward, images, labels, precision: str, device: torch.device) -> 
     return time.perf_counter() - t0
 
 
-def measure(backbone: str, precision: str, args, device: torch.device) -> tuple[float, float, int]:
+def measure(backbone: str, precision: str, fmt: str, args, device: torch.device) -> tuple[float, float, int]:
     torch.manual_seed(0)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     net = RegionAttentionNetwork(RANConfig(backbone=backbone, num_regions=args.regions)).to(device).train()
-    images = torch.randn(args.batch, 3, 112, 112, device=device)
+    net = net.to(memory_format=memory_format)
+    images = torch.randn(args.batch, 3, 112, 112, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 8, (args.batch,), device=device)
     modes = {"folded": folded_forward, "loop": loop_forward}
     for _ in range(args.warmup):
@@ -76,6 +84,17 @@ def measure(backbone: str, precision: str, args, device: torch.device) -> tuple[
     return faces / spent["folded"], faces / spent["loop"], rounds
 
 
+def run_cell(backbone: str, precision: str, fmt: str, argv: list[str]) -> dict:
+    """One cell in a child process: its figures, or how it died."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--cell", f"{backbone},{precision},{fmt}"],
+                          capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    if done.returncode < 0:
+        return {"error": f"crashed ({signal.Signals(-done.returncode).name})"}
+    return {"error": f"failed: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}"}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="RAN forward+backward throughput: folded regions vs a loop over regions")
     p.add_argument("--gpu", action="store_true", help="run on CUDA (fp16 added to the precisions)")
@@ -89,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-time", type=float, default=None,
                    help="keep timing rounds until this many seconds; default 8 on CPU, 3 on GPU")
     p.add_argument("--max-steps", type=int, default=50)
+    p.add_argument("--formats", default="contiguous,channels_last", help="memory formats to compare")
+    p.add_argument("--cell", default="", help=argparse.SUPPRESS)  # backbone,precision,format: one child's cell
     args = p.parse_args(argv)
 
     if args.gpu and not torch.cuda.is_available():
@@ -105,27 +126,37 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpu:
         torch.backends.cudnn.benchmark = True
 
+    if args.cell:
+        backbone, prec, fmt = args.cell.split(",")
+        folded, loop, rounds = measure(backbone, prec, fmt, args, device)
+        print(json.dumps({"folded": folded, "loop": loop, "rounds": rounds}))
+        return
+
     load_before = os.getloadavg()[0]
+    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     rows = []
     for backbone in args.backbones.split(","):
         for prec in precisions:
-            folded, loop, rounds = measure(backbone, prec, args, device)
-            rows.append([backbone, prec, args.batch, args.regions, round(folded, 2), round(loop, 2),
-                         round(folded / loop, 2), rounds])
-            print(f"{backbone:>12} {prec:>5}: folded {folded:8.2f} faces/s, loop {loop:8.2f} faces/s, "
-                  f"folded/loop {folded / loop:.2f} ({rounds} rounds)", flush=True)
+            for fmt in args.formats.split(","):
+                r = run_cell(backbone, prec, fmt, child_argv)
+                if "error" in r:
+                    rows.append([backbone, prec, fmt, args.batch, args.regions, r["error"], "-", "-", 0])
+                else:
+                    rows.append([backbone, prec, fmt, args.batch, args.regions, round(r["folded"], 2),
+                                 round(r["loop"], 2), round(r["folded"] / r["loop"], 2), r["rounds"]])
+                print(" ".join(str(v) for v in rows[-1]), flush=True)
 
     where = f"GPU {torch.cuda.get_device_name(device)}" if args.gpu else f"CPU, {torch.get_num_threads()} torch threads"
     notes = (f"Forward+backward (CE + RB loss) of RegionAttentionNetwork in training mode, random 112x112 inputs, "
              f"fixed regions; {where}; folded = all B*K crops in one backbone call, loop = one call per region. "
              f"Steps alternate folded/loop; each row times `rounds` steps of each after {args.warmup} "
-             f"warm-up round(s).")
+             f"warm-up round(s). {cpu_info().describe()}.")
     notes += f" Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
     if not args.gpu:
         notes += (" The CPU is shared with other jobs, so absolute figures are noisy; the ratio is the more "
                   "stable number. Folding is meant for the GPU; on a CPU the loop may win (cache effects).")
     report(f"RAN forward+backward, folded vs region loop ({'GPU' if args.gpu else 'CPU'})",
-           ["backbone", "precision", "batch", "K", "folded faces/s", "loop faces/s", "folded/loop", "rounds"],
+           ["backbone", "precision", "memory format", "batch", "K", "folded faces/s", "loop faces/s", "folded/loop", "rounds"],
            rows, notes)
 
 

@@ -1,5 +1,5 @@
 """Training throughput of the real fine-tuning loop: images/s per worker, 1 vs 2 workers,
-small and r50 backbones, fp32 vs bf16.
+small and r50 backbones, fp32 vs bf16, NCHW vs channels_last.
 
 Each cell is one TorchTrainer run of ranray.train.finetune on a synthetic prepared split
 (tests/shard_fixtures.py faces), stopped after warm-up + measured steps. Rank 0 logs images/s per
@@ -8,6 +8,7 @@ the median over the measured steps divided by the workers, and the group's total
 average is printed with the table: on a shared machine the figures are lower bounds.
 
     .venv/bin/python bench/train.py                                 # CPU: tiny + r50, fp32/bf16, 1/2 workers
+    .venv/bin/python bench/train.py --backbones iresnet_tiny --formats false,true --workers 2
     .venv/bin/python bench/train.py --backbones iresnet18 --workers 2 --steps 5
     .venv/bin/python bench/train.py --gpu --backbones iresnet50 --precisions bf16 --batch 128 --images 8192
 """
@@ -28,17 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import report  # noqa: E402
 from shard_fixtures import write_dataset  # noqa: E402
 
-from ranray.config import TrainConfig, load_config  # noqa: E402
+from ranray.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from ranray.hardware import cpu_info  # noqa: E402
 from ranray.tracking import metric_history  # noqa: E402
 from ranray.train.launch import run_training  # noqa: E402
 
 
 def cell_config(args: argparse.Namespace, data: Path, storage: Path, backbone: str, precision: str,
-                workers: int) -> TrainConfig:
+                workers: int, channels_last: str) -> TrainConfig:
     gpu = ["scaling.use_gpu=true", "scaling.gpus_per_worker=1", "data.loader=dali", "data.num_threads=4"]
     cpu = [f"data.loader={args.loader}", "data.num_threads=0" if args.loader == "torch" else "data.num_threads=1"]
     return load_config(TrainConfig, None, [
-        f"data.dir={data}", f"run.storage_path={storage}", f"run.name={backbone}-{precision}-{workers}w",
+        f"data.dir={data}", f"run.storage_path={storage}",
+        f"run.name={backbone}-{precision}-{workers}w-nhwc-{channels_last}", f"data.channels_last={channels_last}",
         f"model.backbone={backbone}", f"model.num_regions={args.regions}", f"precision={precision}",
         f"batch_size={args.batch}", f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={args.cpus}",
         "epochs=1", "checkpoint.every_n_steps=0", f"testing.stop_after_steps={args.warmup + args.steps}",
@@ -54,6 +57,16 @@ def measure(cfg: TrainConfig, warmup: int) -> tuple[float, float]:
     return group / cfg.scaling.num_workers, group
 
 
+def run_cell(args, data: Path, storage: Path, backbone: str, precision: str, workers: int, fmt: str) -> tuple:
+    started = time.perf_counter()
+    try:
+        cfg = cell_config(args, data, storage, backbone, precision, workers, fmt)
+        per_worker, group = measure(cfg, args.warmup)
+    except ConfigError as err:  # e.g. channels_last=true with fp32 on oneDNN's AVX-512 path: refused
+        return (backbone, precision, fmt, workers, args.batch, f"refused: {str(err)[:60]}...", "-", 0)
+    return (backbone, precision, fmt, workers, args.batch, per_worker, group, round(time.perf_counter() - started))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="iresnet_tiny,iresnet50")
@@ -67,6 +80,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=float, default=1.0, help="CPUs (torch threads) per worker")
     ap.add_argument("--loader", choices=("torch", "dali"), default="torch", help="CPU runs: loader backend")
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker, DALI mixed decoding")
+    ap.add_argument("--formats", default="false", help="data.channels_last values to compare: auto,true,false")
     args = ap.parse_args()
 
     import ray
@@ -81,20 +95,18 @@ def main() -> None:
                              rows_per_shard=512, row_group_size=64)
         for backbone in args.backbones.split(","):
             for precision in args.precisions.split(","):
-                for n in workers:
-                    started = time.perf_counter()
-                    per_worker, group = measure(cell_config(args, data, Path(tmp) / "runs", backbone, precision, n),
-                                                args.warmup)
-                    rows.append((backbone, precision, n, args.batch, per_worker, group,
-                                 round(time.perf_counter() - started)))
-                    print(rows[-1], flush=True)
+                for fmt in args.formats.split(","):
+                    for n in workers:
+                        rows.append(run_cell(args, data, Path(tmp) / "runs", backbone, precision, n, fmt))
+                        print(rows[-1], flush=True)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     report("Fine-tuning throughput (bench/train.py)",
-           ["backbone", "precision", "workers", "batch/worker", "images/s per worker", "images/s total", "cell s"],
+           ["backbone", "precision", "channels_last", "workers", "batch/worker", "images/s per worker",
+            "images/s total", "cell s"],
            rows,
            notes=f"RAN K={args.regions}, {'GPU, DALI mixed decoding' if args.gpu else f'CPU, {args.loader} loader'}, "
                  f"{args.cpus:g} CPU per worker, median of {args.steps} steps after {args.warmup} warm-up; "
-                 f"load average during the run {load}.")
+                 f"load average during the run {load}. {cpu_info().describe()}.")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from _results import report  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
 from shard_fixtures import draw_face, write_dataset  # noqa: E402
 
-from ranray.tune import (DRIVER_CPU, STOPPED_EARLY, ensure_ray, max_concurrent, plan_search,  # noqa: E402
+from ranray.ray_runtime import ensure_ray  # noqa: E402
+from ranray.tune import (DRIVER_CPU, STOPPED_EARLY, max_concurrent, plan_search,  # noqa: E402
                          run_search)
 
 NUM_CLASSES = 4

@@ -31,11 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ranray.train.failures import RunFailed
+
     try:
         return int(args._run(args) or 0)
     except ConfigError as err:
         print(f"ranray {args.verb}: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"ranray {args.verb}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class DataConfig:
     train_subset: Literal["all", "occlusion", "pose30", "pose45"] = "all"
     loader: Literal["dali", "torch"] = "dali"
     num_threads: int = 2
-    channels_last: bool = False
+    # auto: NHWC where it is fast and safe (ranray.hardware: CUDA, CPUs off oneDNN's AVX-512 path)
+    channels_last: Literal["auto", True, False] = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -137,7 +138,7 @@ class TrainConfig:
     testing: TestingConfig = field(default_factory=TestingConfig)
     epochs: int = 60
     batch_size: int = 32  # per worker
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
     compile: bool = False
 
     def validate(self) -> None:
@@ -168,6 +169,7 @@ class PrepareConfig:
     align_fallback: bool = True
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     num_workers: int = 0  # 0: one actor per CPU Ray has
+    worker_retries: int = 2  # a block whose actor died is retried on a fresh actor this many times
     batch_size: int = 64
     rows_per_shard: int = 2048
     jpeg_quality: int = 95
@@ -177,6 +179,7 @@ class PrepareConfig:
         _check(bool(self.out), "out", "is required")
         _check(bool(self.inputs), "inputs", "needs at least one path")
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.worker_retries >= 0, "worker_retries", "must be >= 0")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in 1..100")
         for flag in self.subset_lists:
             _check(flag in SUBSETS[1:], f"subset_lists.{flag}", f"must be one of {SUBSETS[1:]}")
@@ -215,7 +218,7 @@ class PretrainConfig:
     verification_pairs: str = ""  # pairs file: key_a key_b same(0/1)
     epochs: int = 20
     batch_size: int = 128
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
 
     def validate(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -346,7 +349,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value if value is not None else {}, key + ".")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        # Typed match: YAML's 1 must not pass for True, nor True for "true".
+        if not any(value == c and type(value) is type(c) for c in choices):
             raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
         return value
     if origin in (list, tuple):

@@ -38,8 +38,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ranray.config import (ConfigError, SearchSpaceConfig, TrackingConfig, TrainConfig, TuneConfig, flatten,
                            from_dict, load_config, save_config, to_dict)
+from ranray.ray_runtime import ensure_ray
 from ranray.tracking import Tracker, resolve_tracking_uri
-from ranray.train.launch import build_trainer, preflight, run_dir_for
+from ranray.train.launch import build_trainer, fit_or_explain, preflight, run_dir_for
 
 log = logging.getLogger("ranray.tune")
 
@@ -287,7 +288,9 @@ def run_trial(params: dict[str, Any], plan: SearchPlan, parent_run_id: str) -> N
 
 @ray.remote(num_cpus=0, max_retries=0)  # owned by the trial: killed with it when ASHA stops the trial
 def _fit_trial(cfg: TrainConfig, report: Any, run_id: str | None) -> None:
-    build_trainer(cfg, run_name=cfg.run.name, callbacks=[report], tracking_run_id=run_id).fit()
+    run_dir = run_dir_for(cfg.run.storage_path, cfg.run.name)
+    with fit_or_explain(f"trial {cfg.run.name}", run_dir, cfg.checkpoint.max_failures):
+        build_trainer(cfg, run_name=cfg.run.name, callbacks=[report], tracking_run_id=run_id).fit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,16 +424,6 @@ def open_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int) -> tuple[t
     return build_tuner(plan, parent_run_id, concurrent), False
 
 
-def ensure_ray() -> None:
-    """Join RAY_ADDRESS's cluster (`ray job submit`), else start a local Ray.
-
-    The dashboard must run: Train's placement-group cleaner, which frees the workers of a trial
-    that ASHA stopped, asks its state API.
-    """
-    if not ray.is_initialized():
-        ray.init(include_dashboard=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Running a search
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +438,7 @@ class TrialRow:
     status: str
     checkpoint: str  # the Ray checkpoint reported with the best metric, else the newest kept ("" if none)
     best_model: str  # the trial's model/best.pt, exported by the loop at its best epoch ("" if none)
+    error: str = ""  # why a failed trial failed, one line
 
 
 @dataclass
@@ -517,7 +511,20 @@ def trial_row(trial: Any, df: Any, plan: SearchPlan) -> TrialRow:
     return TrialRow(trial_id=trial.trial_id, params={k: _plain(v) for k, v in trial.config.items()},
                     best_metric=float(metric[best_at]) if scored else math.nan, epochs_run=epochs,
                     status=trial_status(trial.status, epochs, cfg.max_epochs),
-                    checkpoint=_checkpoint_at(df, best_at), best_model=str(best_model) if best_model.exists() else "")
+                    checkpoint=_checkpoint_at(df, best_at), best_model=str(best_model) if best_model.exists() else "",
+                    error=trial_error(trial))
+
+
+def trial_error(trial: Any) -> str:
+    """The last line of a failed trial's error: for a dead worker, RunFailed's one line."""
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # no error recorded, or one that does not unpickle here
+        return ""
+    if error is None:
+        return ""
+    lines = str(getattr(error, "cause", None) or error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def _checkpoint_at(df: Any, best_at: Any) -> str:

@@ -9,6 +9,9 @@ import pytest
 # Keep torch from oversubscribing the 2 cores when Ray runs several workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls workers (and so registers reported checkpoints) at this interval;
+# every checkpoint waits for its registration (ranray.train.commits), so tests poll faster than 2 s.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

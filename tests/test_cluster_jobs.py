@@ -13,7 +13,10 @@ submitted with the real `ray job submit`, and what happens when parts of the clu
 
 "Each step once" is read from the per-rank steps logs the training loop keeps (finetune.StepsLog):
 a restart at step S drops what the log holds after S, and what is left must be 1..N, on the same
-batches as the reference's.
+batches as the reference's. Kills happen after a *committed* checkpoint, read the way the restart
+reads it (Ray Train's checkpoint_manager_snapshot.json, ranray.train.commits), and the work lost
+to each kill is bounded by one checkpoint interval: the steps the killed group ran past the step
+the next group resumed from.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cluster_utils import REPO, LocalCluster, proc_stat
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset
 
 from ranray.tracking import find_runs
+from ranray.train.commits import last_committed_step
 from ranray.train.finetune import committed_steps
 
 WORKERS = 2
@@ -87,15 +91,29 @@ def last_step(run_dir: Path) -> int:
     return steps[-1] if steps else 0
 
 
-def wait_for_step(cluster: LocalCluster, sid: str, run_dir: Path, step: int, timeout: float = 300) -> None:
+def wait_for_commit(cluster: LocalCluster, sid: str, run_dir: Path, step: int, timeout: float = 300) -> int:
+    """Wait until a checkpoint at `step` or later is committed; the committed step."""
     deadline = time.monotonic() + timeout
-    while last_step(run_dir) < step:
+    while (committed := last_committed_step(run_dir)) < step:
         status = cluster.job_info(sid)["status"]
-        assert status in ("PENDING", "RUNNING"), f"job {sid} is {status} before step {step}:\n" + \
+        assert status in ("PENDING", "RUNNING"), f"job {sid} is {status} before committing step {step}:\n" + \
             cluster.job_logs(sid)[-3000:]
-        assert time.monotonic() < deadline, f"job {sid} did not reach step {step} in {timeout}s"
+        assert time.monotonic() < deadline, f"job {sid} did not commit step {step} in {timeout}s"
         cluster.snapshot()
-        time.sleep(0.5)
+        time.sleep(0.2)
+    return committed
+
+
+def lost_steps(run_dir: Path) -> list[int]:
+    """Per restart: the steps the failed group ran past the step the restart resumed from."""
+    lost, ran = [], 0
+    for fields in ((run_dir / "steps" / "rank0.log").read_text().split("\n")):
+        kind, *rest = fields.split() or [""]
+        if kind == "step":
+            ran = max(ran, int(rest[0]))
+        elif kind == "start" and ran:
+            lost.append(ran - int(rest[1]))
+    return lost
 
 
 def processes_named(cluster: LocalCluster, prefix: str) -> dict[str, list[int]]:
@@ -158,7 +176,7 @@ def test_worker_node_killed_mid_run_job_finishes_each_step_once(cluster, data_di
     sid = cluster.submit(train_entry(data_dir, storage, name, "checkpoint.max_failures=2"),
                          working_dir=data_dir.parent)
     run_dir = storage / name
-    wait_for_step(cluster, sid, run_dir, CHECKPOINT_EVERY + 1)  # past the first checkpoint
+    committed = wait_for_commit(cluster, sid, run_dir, CHECKPOINT_EVERY)
 
     hosts = processes_named(cluster, "ray::RayTrainWorker")
     victim = sorted(hosts)[0]
@@ -172,9 +190,10 @@ def test_worker_node_killed_mid_run_job_finishes_each_step_once(cluster, data_di
     assert info["status"] == "SUCCEEDED", logs[-3000:]
     assert lineages(run_dir) == lineages(reference)  # the same steps on the same batches, once each
     restarts = starts(run_dir)[1:]
-    assert restarts and all(resume >= CHECKPOINT_EVERY for _, resume in restarts), starts(run_dir)
-    # The job's log tells of the lost worker group, the retry, and the restore from the checkpoint.
-    assert "A worker health check failed" in logs and "[FailurePolicy] RETRY" in logs, logs[-3000:]
+    assert restarts and all(resume >= committed for _, resume in restarts), (committed, starts(run_dir))
+    assert all(0 <= n <= CHECKPOINT_EVERY for n in lost_steps(run_dir)), lost_steps(run_dir)  # one interval
+    # The job's log tells of the retry and the restore from the checkpoint.
+    assert "[FailurePolicy] RETRY" in logs, logs[-3000:]
     assert f"resumed from {run_dir}/checkpoint_" in logs, logs[-3000:]
 
 
@@ -183,7 +202,7 @@ def test_driver_killed_then_resubmitted_resumes_from_the_last_checkpoint(cluster
     entry = train_entry(data_dir, storage, name)
     sid = cluster.submit(entry, working_dir=data_dir.parent)
     run_dir = storage / name
-    wait_for_step(cluster, sid, run_dir, 2 * CHECKPOINT_EVERY + 1)
+    committed = wait_for_commit(cluster, sid, run_dir, 2 * CHECKPOINT_EVERY)
 
     drivers = [pid for pid in cluster.node_processes("head")
                if f"run.name={name}" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -202,4 +221,5 @@ def test_driver_killed_then_resubmitted_resumes_from_the_last_checkpoint(cluster
     assert lineages(run_dir) == lineages(reference)
     first, *_, resumed = starts(run_dir)
     assert first == (0, 0)
-    assert 2 * CHECKPOINT_EVERY <= resumed[1] <= stopped_at  # from the last checkpoint, not from 0
+    assert committed <= resumed[1] <= stopped_at  # from the last committed checkpoint, not from 0
+    assert lost_steps(run_dir) == [stopped_at - resumed[1]] and stopped_at - resumed[1] <= CHECKPOINT_EVERY

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ranray.config import ConfigError, TrainConfig, load_config
+    from ranray.ray_runtime import ensure_ray
     from ranray.train.evaluate import evaluate
     from ranray.train.launch import run_training
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         f"data.dir={data_dir}", f"run.storage_path={workdir / 'runs'}",
         f"run.name=demo-{time.strftime('%Y%m%d-%H%M%S')}", *args.overrides])
     times: dict[str, float] = {}
-    start_ray()
+    ensure_ray()  # one local Ray for prepare and training
     prepare_data(workdir, args, times)
     started = time.perf_counter()
     result = run_training(cfg)
@@ -81,18 +82,6 @@ def prepare_data(workdir: Path, args: argparse.Namespace, times: dict[str, float
     times["prepare"] = time.perf_counter() - started
     made_with.write_text(json.dumps(wanted))
     print(summary_line)
-
-
-def start_ray() -> None:
-    """One local Ray for prepare and training, with the dashboard: Ray Train's placement-group
-    cleanup uses the state API it serves (prepare alone would start Ray without it)."""
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 
 
 def summary(result, report, times: dict[str, float], total_s: float) -> str:

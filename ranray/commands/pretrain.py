@@ -11,7 +11,6 @@ RUN_DIR/model/backbone.pt, is what `ranray train model.init_backbone=...` loads.
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "pre-train the iResNet backbone on a face-recognition identity set (ArcFace/CosFace, Partial FC)"
 
@@ -23,18 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
     from ranray.config import PretrainConfig, load_config
     from ranray.train.launch import format_table
     from ranray.train.pretrain import describe, run_pretraining
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    try:
-        result = run_pretraining(cfg)
-    except TrainingFailedError as err:
-        print(f"ranray pretrain: training failed after {cfg.checkpoint.max_failures} retries: {err}",
-              file=sys.stderr)
-        return 1
+    result = run_pretraining(cfg)  # a run that fails for good raises RunFailed: one line, exit 1 (cli.main)
     print(format_table(describe(result)))
     return 0

@@ -9,7 +9,6 @@ The same command with the same run.name resumes that run from its newest good ch
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "fine-tune RAN on a prepared dataset with Ray Train (DDP on CPU or GPU, checkpoints, MLflow)"
 
@@ -21,16 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
     from ranray.config import TrainConfig, load_config
     from ranray.train.launch import describe, format_table, run_training
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    try:
-        result = run_training(cfg)
-    except TrainingFailedError as err:
-        print(f"ranray train: training failed after {cfg.checkpoint.max_failures} retries: {err}", file=sys.stderr)
-        return 1
+    result = run_training(cfg)  # a run that fails for good raises RunFailed: one line, exit 1 (cli.main)
     print(format_table(describe(result)))
     return 0

@@ -19,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_search(args.config, args.overrides)  # every config error surfaces before Ray starts
     result = run_search(plan)
     print(format_table(result.rows, plan))
+    for row in result.rows:
+        if row.error:
+            print(f"trial {row.trial_id} failed: {row.error}")
     print(f"\ntrial table: {result.table_csv}")
     if result.best is not None:
         print(f"best trial:  {result.best.trial_id}  {plan.cfg.metric}={result.best.best_metric:.4f}  "

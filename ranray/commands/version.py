@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "print the ranray version and the versions of its main dependencies"
+HELP = "print the ranray version, its main dependencies and the CPU/GPU features that decide the defaults"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,4 +22,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {dist} {version(dist)}")
         except PackageNotFoundError:
             print(f"  {dist} (not installed)")
+    from ranray.hardware import describe
+
+    for key, value in describe():
+        print(f"  {key}: {value}")
     return 0

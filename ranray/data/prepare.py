@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,7 @@ from ranray.data.sources import READERS, RowReject, SourceRead, SourceRow, mark_
 from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD, rows_to_table
 from ranray.data.sources.recordio import RecordIOError, read_record_at, unpack
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
+from ranray.ray_runtime import ensure_ray
 
 ROW_GROUP_ROWS = 256  # the loader shuffles whole row groups; 256 faces is ~1.5 MB of JPEG
 MIN_IMAGE_SIDE = 16  # smaller "images" hold no face worth aligning
@@ -49,6 +51,8 @@ FER_SIDE = 48  # FER2013 pixels rows are 48x48
 ORDER_SEED = 0
 FALLBACK_EXAMPLES = 20
 # Rows leaving the actors: a shard row plus the reject reason ("" for a written face).
+log = logging.getLogger("ranray.prepare")
+
 OUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 EXPRESSION_SOURCES = {"ferplus", "rafdb", "affectnet", "imagefolder"}
 
@@ -276,21 +280,6 @@ def _reject_record(row: SourceRow, source: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def ensure_ray() -> None:
-    """Use the Ray this process is connected to, or RAY_ADDRESS's cluster, or start a local one.
-
-    A local Ray started here stays up for the rest of the process (training can reuse it).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-
-
 def num_workers(cfg: PrepareConfig, num_rows: int) -> int:
     import ray
 
@@ -304,30 +293,62 @@ def align_options(cfg: PrepareConfig) -> AlignOptions:
 
 
 def align_rows(rows: list[SourceRow], cfg: PrepareConfig) -> Iterator[pa.Table]:
-    """Aligned rows (OUT_SCHEMA tables) in input order, from an actor pool on Ray Data."""
+    """Aligned rows (OUT_SCHEMA tables), from an actor pool on Ray Data; every row comes back.
+
+    An actor that dies (a native crash in dlib or a decoder, the OOM killer) is restarted and its
+    block retried `worker_retries` times. Rows of blocks that still fail are aligned again one row
+    per block, so that only the rows that kill a worker are lost; those come back as
+    `worker_died` rejects.
+    """
     if not rows:
         return
-    import ray
-
     ensure_ray()
     workers = num_workers(cfg, len(rows))
     # Small inputs get small batches, so that every actor has work.
     batch = max(1, min(cfg.batch_size, math.ceil(len(rows) / (workers * 4))))
+    seen: set[str] = set()
+    for table in _align_pass(rows, cfg, workers, batch, cfg.worker_retries):
+        seen.update(table["key"].to_pylist())
+        yield table
+    lost = [r for r in rows if r.key not in seen]
+    if lost:
+        log.warning("prepare: align workers died on %d rows after %d retries; aligning them one by one",
+                    len(lost), cfg.worker_retries)
+        for table in _align_pass(lost, cfg, min(workers, len(lost)), 1, 0):
+            seen.update(table["key"].to_pylist())
+            yield table
+        dead = [r for r in lost if r.key not in seen]
+        if dead:
+            yield worker_died_rejects(dead, cfg.source)
+
+
+def worker_died_rejects(rows: list[SourceRow], source: str) -> pa.Table:
+    detail = ("the align worker died on this row, alone in its block (a native crash in dlib or the image "
+              "decoder, or out of memory); Ray's worker logs hold its trace")
+    return pa.Table.from_pylist([{"key": r.key, "split": r.split, "source": source, "label": r.label,
+                                  "flags": r.flags, "reason": "worker_died", "detail": detail} for r in rows],
+                                schema=OUT_SCHEMA)
+
+
+def _align_pass(rows: list[SourceRow], cfg: PrepareConfig, workers: int, batch: int,
+                retries: int) -> Iterator[pa.Table]:
+    import ray
+
     table = rows_to_table(rows)
     blocks = [table.slice(i, batch) for i in range(0, len(rows), batch)]
-    options = align_options(cfg)
     ctx = ray.data.DataContext.get_current()
-    keep_order = ctx.execution_options.preserve_order
+    saved = ctx.execution_options.preserve_order, ctx.max_errored_blocks
     ctx.execution_options.preserve_order = True  # same input, same shards
+    ctx.max_errored_blocks = -1  # a block whose worker died is skipped here and accounted by the caller
     try:
         ds = ray.data.from_arrow(blocks).map_batches(
-            AlignBatch, fn_constructor_kwargs={"options": options, "source": cfg.source,
+            AlignBatch, fn_constructor_kwargs={"options": align_options(cfg), "source": cfg.source,
                                                "jpeg_quality": cfg.jpeg_quality},
-            batch_size=batch, batch_format="pyarrow", num_cpus=1,
+            batch_size=batch, batch_format="pyarrow", num_cpus=1, max_task_retries=retries,
             compute=ray.data.ActorPoolStrategy(size=workers))
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
     finally:
-        ctx.execution_options.preserve_order = keep_order
+        ctx.execution_options.preserve_order, ctx.max_errored_blocks = saved
 
 
 # ---------------------------------------------------------------------------------------------

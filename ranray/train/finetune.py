@@ -42,8 +42,11 @@ from torch import nn
 from ranray.config import CLASS_NAMES, OptimConfig, TrainConfig, flatten, from_dict, to_dict
 from ranray.data.loader import FaceLoader, build_loader
 from ranray.data.schema import SUBSET_FLAGS
+from ranray.hardware import resolve_channels_last, resolve_precision
 from ranray.models import RegionAttentionNetwork, build_ran, expression_loss, region_biased_loss
 from ranray.tracking import Tracker
+from ranray.train.commits import wait_until_committed
+from ranray.train.failures import worker_log
 from ranray.train.checkpoint import (STATE_FILE, CheckpointError, capture_rng_state, export_model,
                                      load_checkpoint, restore_rng_state, save_checkpoint,
                                      verify_checkpoint)
@@ -188,6 +191,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    worker_log(Path(config["run_dir"]), rank)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     _seed(cfg.run.seed + rank)
     resume = load_resume_state(rank)
@@ -208,12 +212,13 @@ def build_worker(cfg: TrainConfig, config: dict[str, Any], rank: int, world_size
                  resume: dict[str, Any] | None) -> Worker:
     device = ray.train.torch.get_device()
     run_dir = Path(config["run_dir"])
-    train_loader, val_loader = build_loaders(cfg, rank, world_size, device)
+    precision_name, channels_last = resolve_device_settings(cfg.precision, cfg.data.channels_last, device, rank)
+    train_loader, val_loader = build_loaders(cfg, rank, world_size, device, channels_last)
     # A resume has the fine-tuned weights already: the init backbone is not read again.
     net = build_ran(dataclasses.replace(cfg.model, init_backbone="") if resume else cfg.model)
     if resume:
         net.load_state_dict(resume["state"]["model"])
-    if cfg.data.channels_last:
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)
     if cfg.compile:
@@ -222,7 +227,7 @@ def build_worker(cfg: TrainConfig, config: dict[str, Any], rank: int, world_size
     spe = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps_per_epoch=spe, epochs=cfg.epochs, o=cfg.optim))
-    precision = PRECISIONS[cfg.precision]
+    precision = PRECISIONS[precision_name]
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     w = Worker(cfg=cfg, rank=rank, world_size=world_size, device=device, run_name=config["run_name"],
                run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, net=net, model=model,
@@ -235,10 +240,21 @@ def build_worker(cfg: TrainConfig, config: dict[str, Any], rank: int, world_size
     return w
 
 
-def build_loaders(cfg: TrainConfig, rank: int, world_size: int,
-                  device: torch.device) -> tuple[FaceLoader, FaceLoader]:
+def resolve_device_settings(precision: str, channels_last: bool | str, device: torch.device,
+                            rank: int) -> tuple[str, bool]:
+    """`auto` precision and memory format for this worker's device (ranray.hardware's rules)."""
+    name = resolve_precision(precision, device)
+    nhwc = resolve_channels_last(channels_last, device, name)
+    if rank == 0 and "auto" in (precision, channels_last):
+        log.info("on %s: precision %s, channels_last %s (precision=%s, data.channels_last=%s)",
+                 device.type, name, nhwc, precision, channels_last)
+    return name, nhwc
+
+
+def build_loaders(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
+                  channels_last: bool) -> tuple[FaceLoader, FaceLoader]:
     common = dict(rank=rank, world_size=world_size, seed=cfg.run.seed, backend=cfg.data.loader, device=device,
-                  num_threads=cfg.data.num_threads, channels_last=cfg.data.channels_last,
+                  num_threads=cfg.data.num_threads, channels_last=channels_last,
                   subset=cfg.data.train_subset)
     train_loader = build_loader(cfg.data.dir, cfg.data.train_split, batch_size=cfg.batch_size, training=True,
                                 augment=cfg.data.augment, **common)
@@ -437,6 +453,7 @@ def report(w: Worker, metrics: dict[str, Any]) -> None:
         save_checkpoint(rank_state(w), Path(tmp) / RANK_FILE.format(rank=w.rank))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(w.state))
+    wait_until_committed(checkpoint_name(w.state))  # a failure now loses at most one interval
 
 
 def chief_state(w: Worker) -> dict[str, Any]:

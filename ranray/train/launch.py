@@ -15,9 +15,9 @@ Running the same command with the same run.name resumes that run from its newest
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,11 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     Returns the dataset manifest. Costs a model build (a second for r50) and reading the flags
     column when a subset is asked for; no Ray.
     """
+    from ranray.hardware import check_cpu_settings
+
     manifest = _check_data(cfg)
     _check_model(cfg)
+    check_cpu_settings(cfg.precision, cfg.data.channels_last, cfg.scaling.use_gpu)
     return manifest
 
 
@@ -189,13 +192,14 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None, storage_path
 def open_run(cfg: Any, name: str, run_dir: Path, final: Path, tags: dict[str, str]) -> tuple[bool, Any, str]:
     """Refuse a finished run; save the config (or check it against a resumed run's), start Ray and
     the MLflow run (the same one again when resumed): (resumed, tracker, MLflow run id)."""
+    from ranray.ray_runtime import ensure_ray
     from ranray.tracking import Tracker
 
     if final.exists():
         raise ConfigError(f"run '{name}' already finished ({final}); set run.name to start a new run")
     resumed = (run_dir / CONFIG_FILE).exists()
     _record_config(cfg, run_dir, resumed)
-    _ensure_ray()
+    ensure_ray()
     tracker = Tracker(cfg.tracking, run_dir)
     run_id = tracker.start(name, params=flatten(cfg), tags=tags, resume=True)
     tracker.log_artifact(run_dir / CONFIG_FILE)
@@ -211,7 +215,7 @@ def run_training(cfg: TrainConfig, *, run_name: str | None = None) -> TrainingRe
     resumed, tracker, run_id = open_run(cfg, name, run_dir, final,
                                         tags={"job": "train", "train_subset": cfg.data.train_subset})
     started = time.perf_counter()
-    with tracker:  # FAILED if fit raises (workers out of retries), else FINISHED
+    with fit_or_explain("training", run_dir, cfg.checkpoint.max_failures), tracker:  # FAILED if fit raises
         result = build_trainer(cfg, run_name=name, tracking_run_id=run_id).fit()
     artifacts = {key: path for key, path in (
         ("config", run_dir / CONFIG_FILE), ("final_model", final), ("best_model", run_dir / "model" / "best.pt"),
@@ -225,6 +229,19 @@ def run_training(cfg: TrainConfig, *, run_name: str | None = None) -> TrainingRe
         elapsed_s=time.perf_counter() - started, resumed=resumed, artifacts=artifacts)
 
 
+@contextmanager
+def fit_or_explain(job: str, run_dir: Path, max_failures: int) -> Iterator[None]:
+    """Turn Ray Train's failure (a page per dead worker) into RunFailed with one line."""
+    from ray.train import TrainingFailedError
+
+    from ranray.train.failures import RunFailed, explain
+
+    try:
+        yield
+    except TrainingFailedError as err:
+        raise RunFailed(explain(err, job=job, run_dir=run_dir, max_failures=max_failures)) from err
+
+
 def _record_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
     path = run_dir / CONFIG_FILE
     if resumed:
@@ -233,14 +250,6 @@ def _record_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
         log.warning("resuming run %s from its newest checkpoint%s", run_dir.name,
                     f"; changed config keys: {', '.join(changed)}" if changed else "")
     save_config(cfg, path)
-
-
-def _ensure_ray() -> None:
-    """Connect to RAY_ADDRESS (a cluster, `ray job submit`) or start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
 
 
 def describe(result: TrainingResult) -> list[tuple[str, str]]:

@@ -75,8 +75,11 @@ def preflight(cfg: PretrainConfig) -> PretrainPlan:
         _check_rows(cfg, manifest)
     except DatasetError as exc:
         raise ConfigError(f"config key 'data.dir': {exc}") from exc
+    from ranray.hardware import check_cpu_settings
+
     num_classes = _check_classes(cfg, manifest)
     _check_backbone(cfg)
+    check_cpu_settings(cfg.precision, cfg.data.channels_last, cfg.scaling.use_gpu)
     pairs = _resolve_pairs(cfg)
     return PretrainPlan(num_classes, pairs)
 
@@ -211,12 +214,14 @@ class PretrainWorker:
 def train_func_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    from ranray.train.failures import worker_log
     from ranray.train.finetune import _seed, load_resume_state
 
     cfg = from_dict(PretrainConfig, config["pretrain"])
     plan = PretrainPlan(**config["plan"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    worker_log(Path(config["run_dir"]), rank)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     _seed(cfg.run.seed + rank)
     resume = load_resume_state(rank)
@@ -238,13 +243,17 @@ def build_worker(cfg: PretrainConfig, plan: PretrainPlan, config: dict[str, Any]
     import ray.train.torch
 
     from ranray.models import create_model
-    from ranray.train.finetune import OPTIMIZERS, PRECISIONS, RankSums, lr_factor, open_steps_log
+    from ranray.train.finetune import (OPTIMIZERS, PRECISIONS, RankSums, lr_factor, open_steps_log,
+                                       resolve_device_settings)
 
     device = ray.train.torch.get_device()
-    train_loader, val_loader = build_loaders(cfg, plan, rank, world_size, device)
+    precision_name, channels_last = resolve_device_settings(cfg.precision, cfg.data.channels_last, device, rank)
+    train_loader, val_loader = build_loaders(cfg, plan, rank, world_size, device, channels_last)
     backbone = create_model(cfg.backbone, num_features=cfg.partial_fc.embedding_size)
     if resume:
         backbone.load_state_dict(resume["state"]["backbone"])
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(backbone)
     head = PartialFC.from_config(plan.num_classes, cfg.partial_fc, cfg.margin, seed=cfg.run.seed,
                                  embedding_grad_scale=float(world_size)).to(device)
@@ -255,7 +264,7 @@ def build_worker(cfg: PretrainConfig, plan: PretrainPlan, config: dict[str, Any]
     def factor(s: int) -> float:
         return lr_factor(s, steps_per_epoch=spe, epochs=cfg.epochs, o=cfg.optim)
 
-    precision = PRECISIONS[cfg.precision]
+    precision = PRECISIONS[precision_name]
     w = PretrainWorker(
         cfg=cfg, plan=plan, rank=rank, world_size=world_size, device=device, run_name=config["run_name"],
         run_dir=Path(config["run_dir"]), train_loader=train_loader, val_loader=val_loader,
@@ -275,11 +284,12 @@ def build_worker(cfg: PretrainConfig, plan: PretrainPlan, config: dict[str, Any]
     return w
 
 
-def build_loaders(cfg: PretrainConfig, plan: PretrainPlan, rank: int, world_size: int, device: torch.device):
+def build_loaders(cfg: PretrainConfig, plan: PretrainPlan, rank: int, world_size: int, device: torch.device,
+                  channels_last: bool):
     from ranray.data.loader import build_loader
 
     common = dict(rank=rank, world_size=world_size, seed=cfg.run.seed, backend=cfg.data.loader, device=device,
-                  num_threads=cfg.data.num_threads, channels_last=cfg.data.channels_last)
+                  num_threads=cfg.data.num_threads, channels_last=channels_last)
     train_loader = build_loader(cfg.data.dir, cfg.data.train_split, batch_size=cfg.batch_size, training=True,
                                 augment=cfg.data.augment, **common)
     val_loader = (build_loader(cfg.data.dir, cfg.data.val_split, batch_size=cfg.batch_size, training=False, **common)
@@ -443,14 +453,16 @@ def report(w: PretrainWorker, metrics: dict[str, Any]) -> None:
     import ray.train
 
     from ranray.train.checkpoint import STATE_FILE, save_checkpoint
+    from ranray.train.commits import wait_until_committed
     from ranray.train.finetune import RANK_FILE
 
+    name = f"checkpoint_{w.state.step:08d}_g{w.state.generation:02d}"
     with tempfile.TemporaryDirectory(prefix="ranray-pretrain-ckpt-") as tmp:
         if w.is_chief:
             save_checkpoint(chief_state(w), Path(tmp) / STATE_FILE)
         save_checkpoint(rank_state(w), Path(tmp) / RANK_FILE.format(rank=w.rank))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{w.state.step:08d}_g{w.state.generation:02d}")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    wait_until_committed(name)  # a failure now loses at most one interval
     # The steps log pairs this with the "shard" line of a later start: a resume restored the shard saved here.
     w.steps_log.file.write(f"saved {w.state.step} {shard_digest(w.head)}\n")
 
@@ -557,7 +569,8 @@ def build_trainer(cfg: PretrainConfig, plan: PretrainPlan, *, run_name: str, sto
 
 def run_pretraining(cfg: PretrainConfig, *, run_name: str | None = None):
     """Check, start Ray if needed, pretrain, and return where everything is (a launch.TrainingResult)."""
-    from ranray.train.launch import CONFIG_FILE, TrainingResult, open_run, resolve_storage_path, run_dir_for
+    from ranray.train.launch import (CONFIG_FILE, TrainingResult, fit_or_explain, open_run, resolve_storage_path,
+                                     run_dir_for)
 
     plan = preflight(cfg)
     name = run_name or resolve_run_name(cfg)
@@ -566,7 +579,7 @@ def run_pretraining(cfg: PretrainConfig, *, run_name: str | None = None):
     final = run_dir / MODEL_DIR / BACKBONE_FINAL
     resumed, tracker, run_id = open_run(cfg, name, run_dir, final, tags={"job": "pretrain"})
     started = time.perf_counter()
-    with tracker:
+    with fit_or_explain("pretraining", run_dir, cfg.checkpoint.max_failures), tracker:
         result = build_trainer(cfg, plan, run_name=name, storage_path=storage, tracking_run_id=run_id).fit()
     artifacts = {k: p for k, p in (("config", run_dir / CONFIG_FILE), ("backbone", final),
                                    ("best_backbone", run_dir / MODEL_DIR / BACKBONE_BEST)) if p.exists()}

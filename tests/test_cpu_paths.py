@@ -1,0 +1,138 @@
+"""The shipped jobs on this CPU and on the other kind (ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512
+machine take a plain AVX2 machine's kernels): every job in jobs/ resolves to settings that train
+without crashing, and the demo's own config runs real training steps.
+
+A native crash kills the process it happens in, so every payload runs in a child process and a
+death by signal fails the test with the signal's name, not pytest with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import NUM_CLASSES, learnable_dataset
+
+from ranray.config import PretrainConfig, TrainConfig, load_config
+from ranray.hardware import CpuInfo, HardwareError, cpu_info
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "jobs" / "demo.yaml"
+CPU = torch.device("cpu")
+ISA_PATHS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+# One training step of the demo's model with the settings the worker resolves for this CPU: the
+# kernels (convolutions forward and backward in the chosen precision and memory format) are the
+# ones that crashed.
+STEP = r"""
+import sys, torch
+from ranray.config import TrainConfig, load_config
+from ranray.models import build_ran, expression_loss, region_biased_loss
+from ranray.train.finetune import OPTIMIZERS, PRECISIONS, resolve_device_settings
+
+torch.set_num_threads(1)
+cfg = load_config(TrainConfig, sys.argv[1], ["data.dir=unused"])
+device = torch.device("cpu")
+precision, channels_last = resolve_device_settings(cfg.precision, cfg.data.channels_last, device, rank=1)
+fmt = torch.channels_last if channels_last else torch.contiguous_format
+net = build_ran(cfg.model).to(memory_format=fmt).train()
+opt = OPTIMIZERS[cfg.optim.name](net.parameters(), cfg.optim)
+dtype = PRECISIONS[precision].dtype
+torch.manual_seed(0)
+images = torch.randn(cfg.batch_size, 3, 112, 112).contiguous(memory_format=fmt)
+labels = torch.randint(0, cfg.model.num_classes, (cfg.batch_size,))
+for _ in range(2):
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = net(images)
+    loss = expression_loss(out.logits, labels, None, "majority") + region_biased_loss(out.mu, cfg.model.rb_margin)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss), loss
+print(f"ok {precision} channels_last={channels_last} loss={float(loss):.4f}")
+"""
+
+
+def run_child(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if done.returncode < 0:
+        pytest.fail(f"{' '.join(args[:3])} died of {signal.Signals(-done.returncode).name} with {env or 'no ISA cap'} "
+                    f"on {cpu_info().describe()}:\n{done.stderr[-2000:]}")
+    return done
+
+
+@pytest.mark.parametrize("isa", sorted(ISA_PATHS))
+def test_demo_config_trains_on_both_cpu_paths(isa):
+    done = run_child([sys.executable, "-c", STEP, str(DEMO)], ISA_PATHS[isa], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok "), done.stdout
+    expected = "bf16" if isa == "native" and cpu_info().native_bf16 else "fp32"
+    assert f"ok {expected} " in done.stdout
+
+
+def test_shipped_demo_config_trains_through_ranray_train(ray_session, tmp_path):
+    """jobs/demo.yaml as shipped, through the real CLI and Ray Train workers, one short epoch."""
+    data = learnable_dataset(tmp_path / "ds")
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    done = run_child([sys.executable, "-m", "ranray.cli", "train", "--config", str(DEMO), f"data.dir={data}",
+                      f"run.storage_path={tmp_path / 'runs'}", "run.name=demo-config", "epochs=1",
+                      f"model.num_classes={NUM_CLASSES}"], env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "val accuracy (last / best)" in done.stdout
+    assert (tmp_path / "runs" / "demo-config" / "model" / "final.pt").is_file()
+
+
+CPU_KINDS = (CpuInfo("avx512 + bf16", frozenset({"avx2", "avx512f", "avx512_bf16"}), ""),
+             CpuInfo("avx512 capped to AVX2", frozenset({"avx2", "avx512f", "avx512_bf16"}), "AVX2"),
+             CpuInfo("avx2 only", frozenset({"avx2"}), ""))
+TRAINING_JOBS = {"demo.yaml": TrainConfig, "ferplus_ran_r50.yaml": TrainConfig, "pretrain_r50.yaml": PretrainConfig}
+
+
+def test_every_training_job_is_listed():
+    jobs = {p.name for p in (REPO / "jobs").glob("*.yaml")}
+    assert jobs - set(TRAINING_JOBS) == {"ferplus_prepare.yaml", "tune_asha.yaml"}  # no precision to choose
+
+
+@pytest.mark.parametrize("job", sorted(TRAINING_JOBS))
+@pytest.mark.parametrize("cpu", CPU_KINDS, ids=lambda c: c.model)
+def test_every_shipped_job_resolves_to_safe_settings(job, cpu, monkeypatch):
+    import ranray.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_info", lambda: cpu)
+    cfg = load_config(TRAINING_JOBS[job], REPO / "jobs" / job, ["data.dir=unused"])
+    precision = hw.resolve_precision(cfg.precision, CPU)
+    nhwc = hw.resolve_channels_last(cfg.data.channels_last, CPU, precision)
+    assert not (cpu.avx512 and nhwc and precision == "fp32")  # the crashing kernel
+    assert precision == ("bf16" if cpu.native_bf16 else "fp32")
+
+
+def test_auto_rules_follow_the_measured_cpu_kinds(monkeypatch):
+    import ranray.hardware as hw
+
+    fast = CpuInfo("avx512 + bf16", frozenset({"avx2", "avx512f", "avx512_bf16"}), "")
+    plain = CpuInfo("avx2 only", frozenset({"avx2"}), "")
+    monkeypatch.setattr(hw, "cpu_info", lambda: fast)
+    assert hw.resolve_precision("auto", CPU) == "bf16"
+    assert hw.resolve_channels_last("auto", CPU, "bf16") is False
+    with pytest.raises(HardwareError, match="data.channels_last"):
+        hw.resolve_channels_last(True, CPU, "fp32")
+    assert hw.resolve_channels_last(True, CPU, "bf16") is True  # the bf16 kernels are another path
+    assert hw.resolve_precision("fp32", CPU) == "fp32"
+    monkeypatch.setattr(hw, "cpu_info", lambda: plain)
+    assert hw.resolve_precision("auto", CPU) == "fp32"
+    assert hw.resolve_channels_last("auto", CPU, "fp32") is True
+    capped = CpuInfo("capped", fast.flags, "AVX2")
+    assert not capped.avx512 and not capped.native_bf16
+
+
+def test_version_prints_the_cpu_features():
+    done = subprocess.run([sys.executable, "-m", "ranray.cli", "version"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert done.returncode == 0, done.stderr
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 -> AVX-512 path no, native bf16 no" in done.stdout
+    assert "oneDNN " in done.stdout and "auto choices: on cpu: precision fp32" in done.stdout

@@ -1,0 +1,74 @@
+"""An align actor killed mid-prepare (SIGSEGV from outside, as a native crash in dlib would kill
+it): its block is retried on a fresh actor, and every input row is still written or rejected."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from ranray.data.prepare import worker_died_rejects
+from ranray.data.schema import read_manifest, shard_paths
+from ranray.data.sources import SourceRow
+from ranray.data.synth import SynthOptions, synthesize
+from ranray.data.prepare import prepare
+
+
+def align_actors() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if title.startswith(b"ray::") and b"MapWorker" in title:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def kill_one_actor_when_busy(killed: list[int], stop: threading.Event) -> None:
+    while not stop.is_set():
+        actors = align_actors()
+        if actors:
+            time.sleep(1.5)  # into its first blocks
+            os.kill(actors[0], signal.SIGSEGV)
+            killed.append(actors[0])
+            return
+        time.sleep(0.1)
+
+
+def test_align_actor_killed_mid_run_loses_no_row(ray_session, tmp_path):
+    raw = synthesize(tmp_path / "raw", SynthOptions(n=400, seed=5))
+    cfg = raw.prepare_config(tmp_path / "prepared")
+    cfg.num_workers, cfg.batch_size = 2, 8
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_one_actor_when_busy, args=(killed, stop), daemon=True)
+    killer.start()
+    try:
+        prepare(cfg)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no align actor was found to kill"
+
+    manifest = read_manifest(tmp_path / "prepared")
+    assert manifest["rows_in"] == 400 == manifest["rows_written"] + manifest["rows_rejected"]
+    rejects = pq.read_table(tmp_path / "prepared" / "rejects.parquet").to_pylist()
+    assert not [r for r in rejects if r["reason"] == "worker_died"]  # the retry aligned the killed block
+    written = sum(pq.read_table(shard_paths(tmp_path / "prepared", s)).num_rows for s in manifest["splits"])
+    assert written == manifest["rows_written"]
+
+
+def test_rows_whose_worker_died_become_rejects_with_their_reason():
+    rows = [SourceRow(key="fer0000001.png", split="train", label=3, flags=1),
+            SourceRow(key="fer0000002.png", split="val", label=5)]
+    table = worker_died_rejects(rows, "ferplus").to_pylist()
+    assert [(r["key"], r["split"], r["label"], r["flags"], r["reason"]) for r in table] == [
+        ("fer0000001.png", "train", 3, 1, "worker_died"), ("fer0000002.png", "val", 5, 0, "worker_died")]
+    assert all(r["image"] is None and "native crash" in r["detail"] for r in table)
