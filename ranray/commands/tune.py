@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranray.tune import format_table, plan_search, run_search
+    from ranray.tune import FAILED, format_table, plan_search, run_search
 
     plan = plan_search(args.config, args.overrides)  # every config error surfaces before Ray starts
     result = run_search(plan)
@@ -33,4 +33,8 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"\nsearch interrupted; run the same command again to resume {plan.experiment_dir}")
         return 130
+    failed = [row for row in result.rows if row.status == FAILED]
+    if failed:
+        print(f"\n{len(failed)} of {len(result.rows)} trials failed (see above); the others' results stand")
+        return 1
     return 0 if result.best is not None else 1
