@@ -9,7 +9,7 @@ DEMO_ARGS ?=
 
 .PHONY: venv test test-cluster demo bench clean
 # The multi-node job tests (demo job on a local 4-node cluster, node and driver kills) run on their
-# own: about 9 minutes on a quiet 2-core machine, which would take `make test` past its 20-minute budget.
+# own: 4-9 minutes on a quiet 2-core machine (.ci/run runs them after `make test` and the demo).
 CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py
 
 $(STAMP): pyproject.toml
