@@ -83,6 +83,23 @@ def still_alive(procs: dict[int, int]) -> dict[int, int]:
     return out
 
 
+def processes_titled(prefix: str, containing: str = "") -> list[int]:
+    """Live pids whose process title (Ray sets e.g. `ray::RayTrainWorker...`) starts with `prefix`
+    and holds `containing`, sorted."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(prefix) and containing in title and proc_stat(int(entry)) is not None:
+            found.append(int(entry))
+    return sorted(found)
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Live pids whose command line holds `text` (Ray processes carry their temp dir in it)."""
     found = []

@@ -7,28 +7,18 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
+from cluster_utils import processes_titled
 
-from ranray.data.prepare import worker_died_rejects
 from ranray.data.schema import read_manifest, shard_paths
 from ranray.data.sources import SourceRow
 from ranray.data.synth import SynthOptions, synthesize
-from ranray.data.prepare import prepare
+from ranray.data.prepare import prepare, worker_died_rejects
 
 
 def align_actors() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0]
-            except OSError:
-                continue
-            if title.startswith(b"ray::") and b"MapWorker" in title:
-                found.append(int(entry.name))
-    return sorted(found)
+    return processes_titled("ray::", containing="MapWorker")
 
 
 def kill_one_actor_when_busy(killed: list[int], stop: threading.Event) -> None:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster_utils import processes_titled
 from train_fixtures import learnable_dataset, tiny_config
 
 from ranray.config import flatten
@@ -27,16 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def train_workers() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0]
-            except OSError:
-                continue
-            if title.startswith(b"ray::RayTrainWorker"):
-                pids.add(int(entry.name))
-    return pids
+    return set(processes_titled("ray::RayTrainWorker"))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
