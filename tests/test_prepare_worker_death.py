@@ -1,5 +1,6 @@
 """An align actor killed mid-prepare (SIGSEGV from outside, as a native crash in dlib would kill
-it): its block is retried on a fresh actor, and every input row is still written or rejected."""
+it): its block is retried on a fresh actor, every input row is still written or rejected, and the
+crash's trace is in the dataset's logs/."""
 
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def test_align_actor_killed_mid_run_loses_no_row(ray_session, tmp_path):
     assert not [r for r in rejects if r["reason"] == "worker_died"]  # the retry aligned the killed block
     written = sum(pq.read_table(shard_paths(tmp_path / "prepared", s)).num_rows for s in manifest["splits"])
     assert written == manifest["rows_written"]
+    # The killed actor's native trace is in the dataset's logs, one file per actor process.
+    crash_log = tmp_path / "prepared" / "logs" / f"align-{killed[0]}.log"
+    assert "SIGSEGV received" in crash_log.read_text()
 
 
 def test_rows_whose_worker_died_become_rejects_with_their_reason():

@@ -44,6 +44,7 @@ from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD, r
 from ranray.data.sources.recordio import RecordIOError, read_record_at, unpack
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
 from ranray.ray_runtime import ensure_ray
+from ranray.train.failures import LOGS_DIR, redirect_stderr
 
 ROW_GROUP_ROWS = 256  # the loader shuffles whole row groups; 256 faces is ~1.5 MB of JPEG
 MIN_IMAGE_SIDE = 16  # smaller "images" hold no face worth aligning
@@ -120,7 +121,9 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 class AlignBatch:
     """The Ray Data actor: loads dlib once, then aligns batches; never raises for a bad row."""
 
-    def __init__(self, options: AlignOptions, source: str, jpeg_quality: int):
+    def __init__(self, options: AlignOptions, source: str, jpeg_quality: int, log_dir: str = ""):
+        if log_dir:  # as a Ray actor: a native crash leaves its trace in the dataset's logs/, not on the terminal
+            redirect_stderr(Path(log_dir) / f"align-{os.getpid()}.log", "align")
         self.aligner = FaceAligner(options)
         self.source = source
         self.quality = jpeg_quality
@@ -195,7 +198,7 @@ def prepare(cfg: PrepareConfig) -> PrepareSummary:
                              per_class=cfg.source in EXPRESSION_SOURCES)
         rejects = [_reject_record(r, cfg.source) for r in rows if r.reason]
         fallbacks: list[dict] = []  # a few examples of fallback-aligned rows and why, for the manifest
-        for table in align_rows([r for r in rows if not r.reason], cfg):
+        for table in align_rows([r for r in rows if not r.reason], cfg, log_dir=tmp / LOGS_DIR):
             good = table.filter(pc.equal(table["reason"], ""))
             writer.write(good.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
             rejects += table.filter(pc.not_equal(table["reason"], "")).select(REJECT_SCHEMA.names).to_pylist()
@@ -292,13 +295,13 @@ def align_options(cfg: PrepareConfig) -> AlignOptions:
     return AlignOptions(detector=cfg.detector, fallback=cfg.align_fallback)
 
 
-def align_rows(rows: list[SourceRow], cfg: PrepareConfig) -> Iterator[pa.Table]:
+def align_rows(rows: list[SourceRow], cfg: PrepareConfig, log_dir: Path | None = None) -> Iterator[pa.Table]:
     """Aligned rows (OUT_SCHEMA tables), from an actor pool on Ray Data; every row comes back.
 
     An actor that dies (a native crash in dlib or a decoder, the OOM killer) is restarted and its
     block retried `worker_retries` times. Rows of blocks that still fail are aligned again one row
     per block, so that only the rows that kill a worker are lost; those come back as
-    `worker_died` rejects.
+    `worker_died` rejects. With `log_dir`, each actor's stderr goes to log_dir/align-<pid>.log.
     """
     if not rows:
         return
@@ -307,14 +310,15 @@ def align_rows(rows: list[SourceRow], cfg: PrepareConfig) -> Iterator[pa.Table]:
     # Small inputs get small batches, so that every actor has work.
     batch = max(1, min(cfg.batch_size, math.ceil(len(rows) / (workers * 4))))
     seen: set[str] = set()
-    for table in _align_pass(rows, cfg, workers, batch, cfg.worker_retries):
+    logs = str(log_dir or "")
+    for table in _align_pass(rows, cfg, workers, batch, cfg.worker_retries, logs):
         seen.update(table["key"].to_pylist())
         yield table
     lost = [r for r in rows if r.key not in seen]
     if lost:
         log.warning("prepare: align workers died on %d rows after %d retries; aligning them one by one",
                     len(lost), cfg.worker_retries)
-        for table in _align_pass(lost, cfg, min(workers, len(lost)), 1, 0):
+        for table in _align_pass(lost, cfg, min(workers, len(lost)), 1, 0, logs):
             seen.update(table["key"].to_pylist())
             yield table
         dead = [r for r in lost if r.key not in seen]
@@ -324,14 +328,14 @@ def align_rows(rows: list[SourceRow], cfg: PrepareConfig) -> Iterator[pa.Table]:
 
 def worker_died_rejects(rows: list[SourceRow], source: str) -> pa.Table:
     detail = ("the align worker died on this row, alone in its block (a native crash in dlib or the image "
-              "decoder, or out of memory); Ray's worker logs hold its trace")
+              "decoder, or out of memory); logs/align-<pid>.log holds a crash's trace")
     return pa.Table.from_pylist([{"key": r.key, "split": r.split, "source": source, "label": r.label,
                                   "flags": r.flags, "reason": "worker_died", "detail": detail} for r in rows],
                                 schema=OUT_SCHEMA)
 
 
-def _align_pass(rows: list[SourceRow], cfg: PrepareConfig, workers: int, batch: int,
-                retries: int) -> Iterator[pa.Table]:
+def _align_pass(rows: list[SourceRow], cfg: PrepareConfig, workers: int, batch: int, retries: int,
+                log_dir: str) -> Iterator[pa.Table]:
     import ray
 
     table = rows_to_table(rows)
@@ -343,7 +347,7 @@ def _align_pass(rows: list[SourceRow], cfg: PrepareConfig, workers: int, batch: 
     try:
         ds = ray.data.from_arrow(blocks).map_batches(
             AlignBatch, fn_constructor_kwargs={"options": align_options(cfg), "source": cfg.source,
-                                               "jpeg_quality": cfg.jpeg_quality},
+                                               "jpeg_quality": cfg.jpeg_quality, "log_dir": log_dir},
             batch_size=batch, batch_format="pyarrow", num_cpus=1, max_task_retries=retries,
             compute=ray.data.ActorPoolStrategy(size=workers))
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 LOGS_DIR = "logs"
-_HEADER = "=== ranray worker rank {rank} pid {pid} on {host} started {when}"
+_HEADER = "=== ranray worker {role} pid {pid} on {host} started {when}"
 _SIGNAL = re.compile(r"\*\*\* (SIG[A-Z]+) received")
 _FATAL = {"Segmentation fault": "SIGSEGV", "Aborted": "SIGABRT", "Bus error": "SIGBUS",
           "Floating-point exception": "SIGFPE", "Illegal instruction": "SIGILL"}
@@ -40,16 +40,20 @@ def worker_log_path(run_dir: Path, rank: int) -> Path:
 
 
 def worker_log(run_dir: Path, rank: int) -> Path:
-    """Send this process's stderr to the rank's log file (and ranray's log lines to stdout too).
+    """Send this Ray Train worker's stderr to its rank's log (and ranray's log lines to stdout too).
 
     Never undone: a Ray Train worker process serves one worker group, and Ray's own report of the
     training function's error (written after it returns) belongs in the same file.
     """
-    path = worker_log_path(run_dir, rank)
+    return redirect_stderr(worker_log_path(run_dir, rank), f"rank {rank}")
+
+
+def redirect_stderr(path: Path, role: str) -> Path:
+    """Point file descriptor 2 of this (Ray worker) process at `path`, appending a start header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     with open(path, "ab", buffering=0) as f:
-        header = _HEADER.format(rank=rank, pid=os.getpid(), host=socket.gethostname(), when=time.strftime("%F %T"))
+        header = _HEADER.format(role=role, pid=os.getpid(), host=socket.gethostname(), when=time.strftime("%F %T"))
         f.write((header + "\n").encode())
         os.dup2(f.fileno(), 2)
     logger = logging.getLogger("ranray")
@@ -69,7 +73,7 @@ def crash_signal(log_file: Path, pid: int | None) -> str | None:
     except OSError:
         return None
     if pid is not None:
-        starts = [m.start() for m in re.finditer(rf"^=== ranray worker rank \d+ pid {pid} ", text, re.M)]
+        starts = [m.start() for m in re.finditer(rf"^=== ranray worker .* pid {pid} ", text, re.M)]
         if not starts:
             return None
         text = text[starts[-1]:]
