@@ -45,11 +45,11 @@ from ranray.data.schema import SUBSET_FLAGS
 from ranray.hardware import resolve_channels_last, resolve_precision
 from ranray.models import RegionAttentionNetwork, build_ran, expression_loss, region_biased_loss
 from ranray.tracking import Tracker
-from ranray.train.commits import wait_until_committed
-from ranray.train.failures import worker_log
 from ranray.train.checkpoint import (STATE_FILE, CheckpointError, capture_rng_state, export_model,
                                      load_checkpoint, restore_rng_state, save_checkpoint,
                                      verify_checkpoint)
+from ranray.train.commits import wait_until_committed
+from ranray.train.failures import worker_log
 from ranray.train.metrics import EvalAccumulator, EvalResult
 from ranray.train.plots import plot_attention_faces, plot_confusion_matrix
 
