@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-LOGS_DIR = "logs"
+from ranray.train.run_dir import RunDir
+
 _HEADER = "=== ranray worker rank {rank} pid {pid} on {host} started {when}"
 _SIGNAL = re.compile(r"\*\*\* (SIG[A-Z]+) received")
 _FATAL = {"Segmentation fault": "SIGSEGV", "Aborted": "SIGABRT", "Bus error": "SIGBUS",
@@ -35,17 +36,13 @@ class RunFailed(RuntimeError):
     """A job's workers failed for good; the message is the one line the user gets."""
 
 
-def worker_log_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / LOGS_DIR / f"rank{rank}.log"
-
-
 def worker_log(run_dir: Path, rank: int) -> Path:
     """Send this process's stderr to the rank's log file (and ranray's log lines to stdout too).
 
     Never undone: a Ray Train worker process serves one worker group, and Ray's own report of the
     training function's error (written after it returns) belongs in the same file.
     """
-    path = worker_log_path(run_dir, rank)
+    path = RunDir(run_dir).worker_log(rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     with open(path, "ab", buffering=0) as f:
@@ -99,7 +96,7 @@ def describe_worker_failure(rank: int, error: BaseException, run_dir: Path) -> s
         first = str(cause).strip().splitlines()
         return f"{where} raised {type(cause).__name__}: {first[-1] if first else ''}"
     text = str(cause)
-    signal_name = crash_signal(worker_log_path(run_dir, rank), pid)
+    signal_name = crash_signal(RunDir(run_dir).worker_log(rank), pid)
     if signal_name:
         why = f"died of {signal_name}"
     elif "low on memory" in text:
@@ -124,7 +121,7 @@ def explain(error: BaseException, *, job: str, run_dir: Path, max_failures: int)
     others = f" ({len(failures) - 1} other rank(s) failed with it)" if len(failures) > 1 else ""
     retries = f"{max_failures} retr{'y' if max_failures == 1 else 'ies'}"
     return (f"{job} failed: worker {what}{others}, after {retries} (checkpoint.max_failures); "
-            f"its log: {worker_log_path(run_dir, rank)}; the last good checkpoint is kept in {run_dir}")
+            f"its log: {RunDir(run_dir).worker_log(rank)}; the last good checkpoint is kept in {run_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
