@@ -453,7 +453,7 @@ def record_config(plan: SearchPlan) -> Path:
     if not path.exists():
         return save_config(plan.cfg, path)
     old = flatten(yaml.safe_load(path.read_text()) or {})
-    changed = sorted(k for k, v in flatten(plan.cfg).items() if old.get(k, v) != v and not k.startswith("testing."))
+    changed = sorted(k for k, v in flatten(plan.cfg).items() if old.get(k, v) != v)
     if changed:
         log.warning("search %s resumes with the settings it started with; changed keys not applied: %s",
                     plan.name, ", ".join(changed))
