@@ -72,7 +72,8 @@ def test_worker_killed_by_sigsegv_ends_in_one_line_a_failed_run_and_a_good_check
             proc.kill()
 
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
-    last = err.strip().splitlines()[-1]
+    # Ray streams the controller's last lines asynchronously: they may print after ours.
+    (last,) = [line for line in err.splitlines() if line.startswith("ranray train: ")]
     assert last.startswith("ranray train: training failed: worker rank "), last
     assert f"(pid {killed[-1]} on " in last and "died of SIGSEGV" in last, last
     assert "after 1 retry (checkpoint.max_failures)" in last, last
@@ -80,7 +81,11 @@ def test_worker_killed_by_sigsegv_ends_in_one_line_a_failed_run_and_a_good_check
     assert log_file.parent == run_dir / "logs" and log_file.is_file()
     assert "SIGSEGV received" in log_file.read_text()  # the native trace is in the worker's log ...
     assert "SIGSEGV received" not in out + err  # ... and not on the terminal
-    assert "Traceback" not in out + err  # tracebacks (the survivor's broken collective too) are in the logs
+    # Tracebacks of the workers (the survivor's broken collective too), of the controller and of the driver are
+    # in the logs; Ray's own service actors (e.g. its PlacementGroupCleaner under load) may still print theirs.
+    ours = [line for line in (out + err).splitlines() if "Traceback" in line
+            and ("RayTrainWorker" in line or "TrainController" in line or not line.lstrip("\x1b[0-9m").startswith("("))]
+    assert not ours, ours
     assert "Worker info: Worker(" not in err  # Ray Train's failure dumps are not streamed either
 
     (run,) = find_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "ranray-test")
