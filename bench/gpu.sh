@@ -18,5 +18,5 @@ if [ "$GPUS" -ge 2 ]; then WORKERS="1,$GPUS"; fi
 CPUS=$(( $(nproc) / GPUS > 8 ? 8 : $(nproc) / GPUS ))
 
 "$PY" bench/train.py --gpu --backbones iresnet50 --precisions bf16,fp32 --workers "$WORKERS" \
-    --batch 128 --images 16384 --steps 20 --warmup 5 --cpus "$CPUS"
+    --batch 128 --images 16384 --steps 25 --log-every 1,50 --cpus "$CPUS"
 "$PY" bench/loader.py --gpu --images 8192 --batch 128 --threads "$CPUS"

@@ -38,6 +38,9 @@ class RunConfig:
     name: str = ""  # empty: derived from the job and a timestamp
     storage_path: str = "runs"  # local dir, NFS path or s3://... for multi-node
     seed: int = 0
+    # Engine hooks every worker builds: "module:factory" import paths, each factory called without
+    # arguments (ranray.train.engine.Hook; the module must be importable on the workers).
+    hooks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,16 +120,6 @@ class TrackingConfig:
 
 
 @dataclass
-class TestingConfig:
-    """Test-only hooks; never set in real jobs."""
-
-    fail_at_step: int = -1  # a worker raises once when it reaches this global step
-    fail_rank: int = 0
-    stop_after_steps: int = -1  # end training early after this many steps (smoke runs)
-    stop_after_trials: int = -1  # tune: interrupt the search (as Ctrl+C would) after this many trials end
-
-
-@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,11 +128,12 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    testing: TestingConfig = field(default_factory=TestingConfig)
     epochs: int = 60
     batch_size: int = 32  # per worker
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
     compile: bool = False
+    max_steps: int = 0  # > 0: stop after this many steps (smoke runs, benchmarks); the LR schedule still spans `epochs`
+    log_every_n_steps: int = 50  # the loss is read from the device (a sync) and logged at this cadence
 
     def validate(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -153,6 +147,7 @@ class TrainConfig:
                "must be fractions of the epochs in (0, 1)")
         _check(self.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check_loop(self)
         if self.precision == "fp16":
             _check(self.scaling.use_gpu, "precision", "fp16 needs a GPU (use bf16 on CPU)")
 
@@ -214,17 +209,20 @@ class PretrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    testing: TestingConfig = field(default_factory=TestingConfig)
     verification_pairs: str = ""  # pairs file: key_a key_b same(0/1)
     epochs: int = 20
     batch_size: int = 128
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
+    compile: bool = False
+    max_steps: int = 0  # > 0: stop after this many steps (smoke runs, benchmarks); the LR schedule still spans `epochs`
+    log_every_n_steps: int = 50  # the loss is read from the device (a sync) and logged at this cadence
 
     def validate(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(0.0 < self.partial_fc.sample_rate <= 1.0, "partial_fc.sample_rate", "must be in (0, 1]")
         _check(self.num_classes >= 0, "num_classes", "must be >= 0")
         _check(self.margin.scale > 0, "margin.scale", "must be > 0")
+        _check_loop(self)
 
 
 @dataclass
@@ -261,7 +259,6 @@ class TuneConfig:
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 0  # 0: derived from the cluster's resources
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    testing: TestingConfig = field(default_factory=TestingConfig)
     seed: int = 0
 
     def validate(self) -> None:
@@ -279,6 +276,12 @@ class TuneConfig:
 # ---------------------------------------------------------------------------------------------
 # Loading, overriding, saving
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_loop(cfg: TrainConfig | PretrainConfig) -> None:
+    _check(cfg.max_steps >= 0, "max_steps", "must be >= 0 (0: no limit)")
+    _check(cfg.log_every_n_steps >= 1, "log_every_n_steps", "must be >= 1")
+    _check(all(h.count(":") == 1 for h in cfg.run.hooks), "run.hooks", "entries must read 'module:factory'")
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -48,6 +48,7 @@ _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 MAX_CONSECUTIVE_FAILURES = 2
 # Defaults for a remote server unless the user set them: MLflow's own (7 retries, backoff 2,
 # 120 s timeout) would stall a training step for minutes when the server goes away.
+MAX_QUEUED = 64  # asynchronous metric batches kept for flush() before the oldest are waited for
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -98,6 +99,7 @@ class Tracker:
         self._failures = 0
         self._warned = False
         self._active = False
+        self._queued: list[tuple[Any, dict[str, Any], int | None]] = []  # (RunOperations, data, step)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Tracker:
         if not self._active:
             return
         self._active = False
+        self.flush()
         self._call("status", {"status": status},
                    lambda c: c.set_terminated(self.run_id, status=status))
 
@@ -167,15 +170,30 @@ class Tracker:
             batch = [Param(k, v) for k, v in chunk]
             self._call("params", dict(chunk), lambda c, b=batch: c.log_batch(self.run_id, params=b))
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, wait: bool = True) -> None:
+        """wait=False: MLflow's asynchronous logging queues the batch and returns (a training step
+        must not wait on a tracking server); `flush()` or `end()` waits for what is queued."""
         values = {_key(k): _metric_value(v) for k, v in metrics.items()}
         values = {k: v for k, v in values.items() if v is not None}
         now = int(time.time() * 1000)
         items = list(values.items())
         for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
             batch = [Metric(k, v, now, step or 0) for k, v in chunk]
-            self._call("metrics", dict(chunk), lambda c, b=batch: c.log_batch(self.run_id, metrics=b),
-                       step=step)
+            data = dict(chunk)
+            if wait:
+                self._call("metrics", data, lambda c, b=batch: c.log_batch(self.run_id, metrics=b), step=step)
+            else:
+                self._call("metrics", data, lambda c, b=batch, d=data: self._log_async(c, b, d, step), step=step)
+
+    def flush(self) -> None:
+        """Wait for the queued asynchronous batches; those that failed go to the local log."""
+        queued, self._queued = self._queued, []
+        for operations, data, step in queued:
+            try:
+                operations.wait()
+            except Exception as exc:
+                self._failed(exc)
+                self._write_local("metrics", data, step)
 
     def set_tag(self, key: str, value: Any) -> None:
         self.set_tags({key: value})
@@ -209,6 +227,11 @@ class Tracker:
                    lambda c: c.log_dict(self.run_id, dict(data), artifact_file))
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _log_async(self, client: MlflowClient, batch: list[Metric], data: dict[str, Any], step: int | None) -> None:
+        if len(self._queued) >= MAX_QUEUED:
+            self.flush()  # long done by now: this only bounds the list
+        self._queued.append((client.log_batch(self.run_id, metrics=batch, synchronous=False), data, step))
 
     def _connect(self) -> None:
         if self._client is not None or self.offline:

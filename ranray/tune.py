@@ -23,8 +23,6 @@ import csv
 import dataclasses
 import logging
 import math
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,6 +39,7 @@ from ranray.config import (ConfigError, SearchSpaceConfig, TrackingConfig, Train
 from ranray.ray_runtime import ensure_ray
 from ranray.tracking import Tracker, resolve_tracking_uri
 from ranray.train.launch import build_trainer, fit_or_explain, preflight, run_dir_for
+from ranray.train.run_dir import RunDir
 
 log = logging.getLogger("ranray.tune")
 
@@ -334,42 +333,6 @@ class TrialStatus(tune.Callback):
             log.warning("could not record trial %s as %s in MLflow", trial.trial_id, status, exc_info=True)
 
 
-class InterruptAfter(tune.Callback):
-    """Test-only (testing.stop_after_trials): interrupts the search like Ctrl+C after `n` trials end.
-
-    SIGUSR1 is the signal Tune's own handler (installed when the Tuner runs in the main thread)
-    treats like Ctrl+C: the experiment is snapshotted with the running trials unfinished, the state
-    a real interruption leaves. Tune pickles this callback with the run config and restores its
-    state on resume, so it fires once per search, not again after the resume.
-    """
-
-    def __init__(self, n: int):
-        self.n = n
-        self.completed = 0
-        self.fired = False
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.completed += 1
-        if self.completed >= self.n and not self.fired:
-            self.fired = True
-            signal.raise_signal(signal.SIGUSR1)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"completed": self.completed, "fired": self.fired}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.completed, self.fired = state["completed"], state["fired"]
-
-
-def testing_callbacks(cfg: TuneConfig) -> list[tune.Callback]:
-    if cfg.testing.stop_after_trials <= 0:
-        return []
-    if threading.current_thread() is not threading.main_thread():
-        # Tune installs its interrupt handler only in the main thread; without it SIGUSR1 kills.
-        raise ConfigError("config key 'testing.stop_after_trials' needs the search in the main thread")
-    return [InterruptAfter(cfg.testing.stop_after_trials)]
-
-
 # ---------------------------------------------------------------------------------------------
 # The Tuner
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +360,7 @@ def trainable(plan: SearchPlan, parent_run_id: str) -> Any:
     return tune.with_resources(fn, {"CPU": DRIVER_CPU})
 
 
-def build_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int) -> tune.Tuner:
+def build_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int, callbacks: Sequence[Any] = ()) -> tune.Tuner:
     cfg = plan.cfg
     return tune.Tuner(
         trainable(plan, parent_run_id),
@@ -407,11 +370,12 @@ def build_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int) -> tune.T
             search_alg=SEARCHERS[cfg.searcher](cfg, concurrent), trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path,
-            callbacks=[TrialStatus(plan, parent_run_id), *testing_callbacks(cfg)],
+            callbacks=[TrialStatus(plan, parent_run_id), *callbacks],
             failure_config=tune.FailureConfig(max_failures=0)))
 
 
-def open_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int) -> tuple[tune.Tuner, bool]:
+def open_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int,
+               callbacks: Sequence[Any] = ()) -> tuple[tune.Tuner, bool]:
     """(Tuner, restored): the search's experiment restored when it exists, else a new one.
 
     A restored search keeps what it started with (Tune restores its pickled space, scheduler,
@@ -421,7 +385,7 @@ def open_tuner(plan: SearchPlan, parent_run_id: str, concurrent: int) -> tuple[t
     path = str(plan.experiment_dir)
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable(plan, parent_run_id)), True
-    return build_tuner(plan, parent_run_id, concurrent), False
+    return build_tuner(plan, parent_run_id, concurrent, callbacks), False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,9 +423,11 @@ class SearchResult:
         return len(self.rows) < self.num_samples or any(row.status == INTERRUPTED for row in self.rows)
 
 
-def run_search(plan: SearchPlan) -> SearchResult:
-    """Run (or resume) the search, then write and log its summary."""
-    testing_callbacks(plan.cfg)  # refuse an unusable test hook before starting anything
+def run_search(plan: SearchPlan, callbacks: Sequence[Any] = ()) -> SearchResult:
+    """Run (or resume) the search, then write and log its summary.
+
+    callbacks: more Tune callbacks for a new search (a restored one keeps those it started with).
+    """
     ensure_ray()
     concurrent = max_concurrent(plan.cfg, ray.cluster_resources())
     plan.output_dir.mkdir(parents=True, exist_ok=True)
@@ -469,7 +435,7 @@ def run_search(plan: SearchPlan) -> SearchResult:
     with Tracker(plan.tracking, plan.output_dir) as parent:  # FAILED if the search raises
         parent.start(plan.name, params=flatten(plan.cfg), tags={"job": "tune"}, resume=True)
         parent.log_artifact(config_file)
-        tuner, restored = open_tuner(plan, parent.run_id, concurrent)
+        tuner, restored = open_tuner(plan, parent.run_id, concurrent, callbacks)
         tuner.fit()
         result = summarize(plan, parent, restored)
         if result.interrupted:
@@ -487,7 +453,7 @@ def record_config(plan: SearchPlan) -> Path:
     if not path.exists():
         return save_config(plan.cfg, path)
     old = flatten(yaml.safe_load(path.read_text()) or {})
-    changed = sorted(k for k, v in flatten(plan.cfg).items() if old.get(k, v) != v and not k.startswith("testing."))
+    changed = sorted(k for k, v in flatten(plan.cfg).items() if old.get(k, v) != v)
     if changed:
         log.warning("search %s resumes with the settings it started with; changed keys not applied: %s",
                     plan.name, ", ".join(changed))
@@ -507,7 +473,7 @@ def trial_row(trial: Any, df: Any, plan: SearchPlan) -> TrialRow:
     best_at = (metric.idxmax() if cfg.mode == "max" else metric.idxmin()) if scored else None
     clock = df[cfg.time_attr] if cfg.time_attr in df.columns else None
     epochs = int(clock.max()) if clock is not None and clock.notna().any() else 0
-    best_model = trial_run_dir(plan, trial.trial_id) / "model" / "best.pt"
+    best_model = RunDir(trial_run_dir(plan, trial.trial_id)).best_model
     return TrialRow(trial_id=trial.trial_id, params={k: _plain(v) for k, v in trial.config.items()},
                     best_metric=float(metric[best_at]) if scored else math.nan, epochs_run=epochs,
                     status=trial_status(trial.status, epochs, cfg.max_epochs),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train's controller polls workers (and so registers reported checkpoints) at this interval;
 # every checkpoint waits for its registration (ranray.train.commits), so tests poll faster than 2 s.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Every Ray process the tests start (session workers, `ranray` subprocesses, cluster nodes and their
+# jobs) inherits this environment: they import the tests' engine hooks (step_hooks, run.hooks).
+_TESTS = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH", "")) if p)
 
 
 @pytest.fixture(scope="session")

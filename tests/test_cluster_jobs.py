@@ -11,7 +11,7 @@ submitted with the real `ray job submit`, and what happens when parts of the clu
 - the job's driver is SIGKILLed mid-run: the job fails; submitting the same job again (same
   run.name) resumes from the last checkpoint and ends where the reference ends.
 
-"Each step once" is read from the per-rank steps logs the training loop keeps (finetune.StepsLog):
+"Each step once" is read from the per-rank steps logs the tests' engine hook writes (step_hooks.StepsLog):
 a restart at step S drops what the log holds after S, and what is left must be 1..N, on the same
 batches as the reference's. Kills happen after a *committed* checkpoint, read the way the restart
 reads it (Ray Train's checkpoint_manager_snapshot.json, ranray.train.commits), and the work lost
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 from cluster_utils import REPO, LocalCluster, proc_stat
+from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset
 
 from ranray.tracking import find_runs
 from ranray.train.commits import last_committed_step
-from ranray.train.finetune import committed_steps
 
 WORKERS = 2
 BATCH = 8
@@ -62,7 +62,7 @@ def storage(tmp_path_factory) -> Path:
 
 
 def train_entry(data_dir: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    """`ranray train` with the tiny test config (the nodes share this machine's disk)."""
+    """`ranray train` with the tiny test config (the nodes share this machine's disk) and the steps log."""
     return ["ranray", "train",
             f"data.dir={data_dir}", f"run.storage_path={storage}", f"run.name={name}",
             "data.loader=torch", "data.num_threads=0", "data.augment.enabled=false",
@@ -70,7 +70,7 @@ def train_entry(data_dir: Path, storage: Path, name: str, *extra: str) -> list[s
             "optim.name=adamw", "optim.lr=0.003", "optim.schedule=cosine", "optim.weight_decay=0.0",
             f"epochs={EPOCHS}", f"batch_size={BATCH}", "precision=bf16",
             f"scaling.num_workers={WORKERS}", f"checkpoint.every_n_steps={CHECKPOINT_EVERY}",
-            "checkpoint.keep=2", "tracking.experiment=ranray-cluster-test", *extra]
+            "checkpoint.keep=2", "tracking.experiment=ranray-cluster-test", 'run.hooks=["step_hooks:StepsLog"]', *extra]
 
 
 def lineages(run_dir: Path) -> dict[int, list[tuple[int, int, str]]]:

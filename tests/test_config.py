@@ -59,6 +59,9 @@ def test_wrong_type_or_choice_is_refused_by_name(override, key):
     ("model.num_regions=1", "model.num_regions"),
     ("optim.milestones=[1.5]", "optim.milestones"),
     ("precision=fp16", "precision"),  # fp16 without a GPU
+    ("log_every_n_steps=0", "log_every_n_steps"),
+    ("max_steps=-1", "max_steps"),
+    ("run.hooks=[step_hooks]", "run.hooks"),  # not module:factory
 ])
 def test_validation_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

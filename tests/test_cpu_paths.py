@@ -33,7 +33,8 @@ STEP = r"""
 import sys, torch
 from ranray.config import TrainConfig, load_config
 from ranray.models import build_ran, expression_loss, region_biased_loss
-from ranray.train.finetune import OPTIMIZERS, PRECISIONS, resolve_device_settings
+from ranray.train.engine import resolve_device_settings
+from ranray.train.optim import OPTIMIZERS, PRECISIONS
 
 torch.set_num_threads(1)
 cfg = load_config(TrainConfig, sys.argv[1], ["data.dir=unused"])

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.config import OptimConfig
 from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 from ranray.train.evaluate import evaluate, load_trained_model
-from ranray.train.finetune import committed_steps, lr_factor
 from ranray.train.launch import build_trainer, run_training
+from ranray.train.optim import lr_factor
 
 STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)  # 2 workers, batch 8, drop_last
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
@@ -119,8 +120,8 @@ def test_offline_evaluate_writes_table_json_and_png(baseline, data_dir, tmp_path
 def test_worker_failure_mid_epoch_resumes_without_repeating_a_step(baseline, data_dir, storage):
     # Rank 1 raises after step 5; the newest checkpoint is step 4, so step 5 is trained twice in
     # the log, but only once in the lineage of the final model.
-    cfg = tiny_config(data_dir, storage, "fault", "testing.fail_at_step=5", "testing.fail_rank=1",
-                      "checkpoint.max_failures=1")
+    cfg = tiny_config(data_dir, storage, "fault", "checkpoint.max_failures=1",
+                      hooks=("step_hooks:fail_at_step_5_on_rank_1",))
     result = run_training(cfg)
     assert result.metrics["step"] == baseline.metrics["step"] == TOTAL_STEPS
     assert (result.run_dir / "faults" / "fail_at_step_5").exists()
@@ -133,7 +134,7 @@ def test_worker_failure_mid_epoch_resumes_without_repeating_a_step(baseline, dat
 
 def test_truncated_newest_checkpoint_is_skipped_on_rerun(baseline, data_dir, storage):
     # A run that stops at step 8 (mid-epoch), as if its driver had died there...
-    first = run_training(tiny_config(data_dir, storage, "rerun", "testing.stop_after_steps=8"))
+    first = run_training(tiny_config(data_dir, storage, "rerun", "max_steps=8"))
     newest = first.run_dir / f"checkpoint_{8:08d}_g00" / STATE_FILE
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
@@ -151,7 +152,7 @@ def test_truncated_newest_checkpoint_is_skipped_on_rerun(baseline, data_dir, sto
 
 
 def test_job_failure_marks_the_mlflow_run_failed(ray_session, data_dir, storage):
-    cfg = tiny_config(data_dir, storage, "fails", "testing.fail_at_step=1", "epochs=1")
+    cfg = tiny_config(data_dir, storage, "fails", "epochs=1", hooks=("step_hooks:fail_at_step_1",))
     with pytest.raises(Exception, match="fail_at_step"):
         run_training(cfg)
     run_dir = storage / "fails"

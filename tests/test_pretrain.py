@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from step_hooks import committed_steps
 
 from ranray.cli import main as cli_main
 from ranray.config import ConfigError, ModelConfig, PretrainConfig, load_config
@@ -28,8 +29,8 @@ from ranray.data.synth import SynthOptions, synthesize
 from ranray.models import build_ran, create_model
 from ranray.models.partial_fc import shard_range
 from ranray.tracking import metric_history
-from ranray.train.finetune import committed_steps
-from ranray.train.pretrain import BACKBONE_FINAL, MODEL_DIR, preflight
+from ranray.train.pretrain import preflight
+from ranray.train.run_dir import RunDir
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "pretrain_r50.yaml"
 IDENTITIES, PER_IDENTITY = 30, 8  # 24 train identities (192 images), 6 held out for 200 pairs
@@ -125,7 +126,8 @@ def _events(log: Path) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def run(faces, tmp_path_factory, ray_session) -> dict:
     storage = tmp_path_factory.mktemp("runs")
-    overrides = _overrides(faces, storage, **{"testing.fail_at_step": 9, "testing.fail_rank": 1})
+    hooks = ["step_hooks:PretrainStepsLog", "step_hooks:fail_at_step_9_on_rank_1"]
+    overrides = _overrides(faces, storage, **{"run.hooks": hooks})
     assert cli_main(["pretrain", "--config", str(JOB), *overrides]) == 0
     return {"dir": storage / "pt"}
 
@@ -155,7 +157,7 @@ def test_loss_falls_and_verification_beats_chance(run):
 
 
 def test_backbone_hands_over_strictly_to_fine_tuning(run):
-    path = run["dir"] / MODEL_DIR / BACKBONE_FINAL
+    path = RunDir(run["dir"]).backbone
     state = torch.load(path, weights_only=True)
     create_model("iresnet_tiny").load_state_dict(state, strict=True)
     assert not any(k.startswith("module.") for k in state)

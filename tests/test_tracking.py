@@ -95,6 +95,21 @@ def test_a_rerun_resumes_the_same_run(tmp_path: Path, shared_store: str) -> None
     assert metric_history(shared_store, run_id, "loss") == [(1, 2.0), (2, 1.0)]
 
 
+def test_step_metrics_logged_without_waiting_are_all_there_after_flush(tmp_path: Path, shared_store: str) -> None:
+    cfg = TrackingConfig(uri=shared_store, experiment="exp-async")
+    tracker = Tracker(cfg, tmp_path)
+    run_id = tracker.start("async")
+    for step in range(1, 201):  # past the queue bound, so the oldest batches are waited for on the way
+        tracker.log_metrics({"train_loss": 1.0 / step}, step=step, wait=False)
+    tracker.flush()
+    assert [s for s, _ in metric_history(shared_store, run_id, "train_loss")] == list(range(1, 201))
+    tracker.log_metrics({"late": 1.0}, step=201, wait=False)
+    tracker.end()  # waits for what is still queued
+    (run,) = [r for r in find_runs(shared_store, "exp-async") if r["run_id"] == run_id]
+    assert run["status"] == "FINISHED" and run["metrics"]["late"] == 1.0
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_parent_and_child_runs_coexist_in_one_process(tmp_path: Path, shared_store: str) -> None:
     cfg = TrackingConfig(uri=shared_store, experiment="exp-tune")
     parent = Tracker(cfg, tmp_path / "tune")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import ImageDraw
+from ray import tune
 from shard_fixtures import draw_face, write_dataset
 
 from ranray.config import ConfigError, SearchSpaceConfig, TrainConfig, TuneConfig, load_config
@@ -58,10 +60,38 @@ def write_base(tmp_path: Path, data_dir: Path) -> Path:
         "optim": {"lr": 0.05, "milestones": [0.9], "weight_decay": 0.0},
         "checkpoint": {"keep": 1},
         "epochs": 5, "batch_size": 8, "precision": "bf16",
+        "run": {"hooks": ["step_hooks:StepsLog"]},  # steps/rank<r>.log: each start of a trial's workers
     }
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(base))
     return path
+
+
+class InterruptAfter(tune.Callback):
+    """Interrupts the search like Ctrl+C after `n` trials end.
+
+    SIGUSR1 is the signal Tune's own handler (installed when the Tuner runs in the main thread, as
+    under pytest) treats like Ctrl+C: the experiment is snapshotted with the running trials
+    unfinished, the state a real interruption leaves. Tune pickles this callback with the run
+    config and restores its state on resume, so it fires once per search, not again after the resume.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.completed = 0
+        self.fired = False
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.completed += 1
+        if self.completed >= self.n and not self.fired:
+            self.fired = True
+            signal.raise_signal(signal.SIGUSR1)
+
+    def get_state(self) -> dict:
+        return {"completed": self.completed, "fired": self.fired}
+
+    def set_state(self, state: dict) -> None:
+        self.completed, self.fired = state["completed"], state["fired"]
 
 
 def write_tune(tmp_path: Path, base: Path, **overrides) -> Path:
@@ -240,9 +270,9 @@ def result_lines(plan, trial_id: str) -> int:
 
 def test_an_interrupted_search_resumes_and_keeps_its_finished_trials(ray_session, tmp_path, dataset):
     path = write_tune(tmp_path, write_base(tmp_path, dataset), num_samples=2, use_asha=False, max_epochs=1,
-                      max_concurrent_trials=1, testing__stop_after_trials=1)
+                      max_concurrent_trials=1)
     plan = plan_search(path)
-    first = run_search(plan)
+    first = run_search(plan, callbacks=[InterruptAfter(1)])
     assert first.interrupted
     done = {r.trial_id: r for r in first.rows if r.status == FINISHED}
     assert len(done) == 1, first.rows

@@ -6,6 +6,7 @@ patch, so "loss falls" and "accuracy beats chance" are checks of the training lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,19 @@ def learnable_dataset(root: Path) -> Path:
     return write_dataset(root, SPLITS, num_classes=NUM_CLASSES, draw=ClassPainter())
 
 
-def tiny_config(data_dir: Path, storage: Path, name: str, *overrides: str) -> TrainConfig:
-    """2 workers, batch 8: 6 steps per epoch; a checkpoint every 2 steps."""
+def tiny_config(data_dir: Path, storage: Path, name: str, *overrides: str, hooks: tuple[str, ...] = ()) -> TrainConfig:
+    """2 workers, batch 8: 6 steps per epoch; a checkpoint every 2 steps, the loss logged every step,
+    every step recorded in steps/rank<r>.log (step_hooks.StepsLog)."""
     return load_config(TrainConfig, None, [
         f"data.dir={data_dir}", f"run.storage_path={storage}", f"run.name={name}",
         "data.loader=torch", "data.num_threads=0", "data.augment.enabled=false",
         "model.backbone=iresnet_tiny", f"model.num_classes={NUM_CLASSES}", "model.num_regions=3",
         "optim.name=sgd", "optim.lr=0.05", "optim.schedule=cosine", "optim.weight_decay=0.0",
         "epochs=2", "batch_size=8", "precision=fp32",
-        "scaling.num_workers=2", "checkpoint.every_n_steps=2", "checkpoint.keep=2",
-        "tracking.experiment=ranray-test", *overrides])
+        "scaling.num_workers=2", "checkpoint.every_n_steps=2", "checkpoint.keep=2", "log_every_n_steps=1",
+        "tracking.experiment=ranray-test", *hooks_override("step_hooks:StepsLog", *hooks), *overrides])
+
+
+def hooks_override(*hooks: str) -> list[str]:
+    """`run.hooks=[...]` as a key=value override (JSON is YAML)."""
+    return [f"run.hooks={json.dumps(list(hooks))}"]

@@ -44,7 +44,7 @@ from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD, r
 from ranray.data.sources.recordio import RecordIOError, read_record_at, unpack
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
 from ranray.ray_runtime import ensure_ray
-from ranray.train.failures import LOGS_DIR, redirect_stderr
+from ranray.train.failures import redirect_stderr
 
 ROW_GROUP_ROWS = 256  # the loader shuffles whole row groups; 256 faces is ~1.5 MB of JPEG
 MIN_IMAGE_SIDE = 16  # smaller "images" hold no face worth aligning
@@ -198,7 +198,7 @@ def prepare(cfg: PrepareConfig) -> PrepareSummary:
                              per_class=cfg.source in EXPRESSION_SOURCES)
         rejects = [_reject_record(r, cfg.source) for r in rows if r.reason]
         fallbacks: list[dict] = []  # a few examples of fallback-aligned rows and why, for the manifest
-        for table in align_rows([r for r in rows if not r.reason], cfg, log_dir=tmp / LOGS_DIR):
+        for table in align_rows([r for r in rows if not r.reason], cfg, log_dir=tmp / "logs"):
             good = table.filter(pc.equal(table["reason"], ""))
             writer.write(good.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
             rejects += table.filter(pc.not_equal(table["reason"], "")).select(REJECT_SCHEMA.names).to_pylist()

@@ -15,7 +15,7 @@ stored as tensors by `capture_rng_state()` for exactly this reason.
 A Ray Train checkpoint is a directory holding STATE_FILE (state.pt) and its manifest (the trainers
 add one file per rank beside it); `load_checkpoint` and `verify_checkpoint` take either the state
 file or such a directory. Choosing the newest checkpoint of a run that verifies is done where Ray
-hands checkpoints out (ranray.train.finetune.pick_good_checkpoint), not here.
+hands checkpoints out (ranray.train.resume.pick_good_checkpoint), not here.
 """
 
 from __future__ import annotations

@@ -25,13 +25,16 @@ import yaml
 from PIL import Image, ImageDraw
 
 from ranray.config import CLASS_NAMES, TrainConfig, from_dict
-from ranray.data.schema import normalize
+from ranray.data.schema import SUBSET_FLAGS, normalize
 from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.models.ran import LANDMARK_GROUPS
 from ranray.train.checkpoint import (STATE_FILE, CheckpointError, load_checkpoint, manifest_path,
                                      resolve_state_file)
+from ranray.train.metrics import EvalAccumulator, EvalResult
+from ranray.train.run_dir import RunDir
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+SUBSET_MASK = sum(SUBSET_FLAGS.values())  # "clean" rows: no occlusion and no large pose
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +60,7 @@ class TrainedModel:
 def resolve_weights(path: str | Path) -> Path:
     """The weights file behind what a user may point at: a file, a checkpoint folder, a run dir."""
     p = Path(path)
-    candidates = [p, p / STATE_FILE, p / "model" / "best.pt", p / "model" / "final.pt"]
+    candidates = [p, p / STATE_FILE, RunDir(p).best_model, RunDir(p).final_model]
     for c in candidates:
         if c.is_file():
             return c
@@ -132,13 +135,42 @@ class EvalReport:
         return "\n".join(lines)
 
 
+@torch.no_grad()
+def evaluate_loader(net: RegionAttentionNetwork, loader: Any, autocast: Callable[[], Any],
+                    use_landmarks: bool, num_classes: int, prefix: str = "val") -> EvalResult:
+    """Accuracy (majority labels), per class, per subset flag and the confusion matrix of `loader`.
+
+    Runs the bare module (no DDP collectives per batch); EvalAccumulator all-reduces the counts
+    once at the end when a process group is up, so every rank gets the whole split's numbers.
+    """
+    names = CLASS_NAMES[:num_classes]
+    acc = EvalAccumulator(num_classes, names, prefix=prefix)
+    clean = EvalAccumulator(num_classes, names, prefix=prefix)  # rows with no subset flag
+    was_training = net.training
+    net.eval()
+    loader.set_epoch(0)
+    for batch in loader:
+        with autocast():
+            out = net(batch["images"], batch["landmarks"] if use_landmarks else None)
+        logits = out.logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        acc.update(logits, batch["labels"], batch["flags"], loss=loss)
+        keep = (batch["flags"] & SUBSET_MASK) == 0
+        clean.update(logits[keep], batch["labels"][keep])
+    net.train(was_training)
+    result = acc.compute()
+    clean_result = clean.compute()
+    if clean_result.metrics[f"{prefix}_samples"] > 0:
+        result.metrics[f"{prefix}_acc_clean"] = clean_result.metrics[f"{prefix}_accuracy"]
+    return result
+
+
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
              out_dir: str | Path | None = None, backend: str = "torch", num_threads: int = 0,
              precision: str = "fp32", subset: str = "all") -> EvalReport:
     """Evaluate a trained model on a prepared split; writes eval_<split>.json and the confusion PNG."""
     from ranray.data.loader import build_loader
     from ranray.data.schema import read_manifest
-    from ranray.train.finetune import evaluate_loader
     from ranray.train.plots import plot_confusion_matrix
 
     trained = load_trained_model(checkpoint)

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-LOGS_DIR = "logs"
+from ranray.train.run_dir import RunDir
+
 _HEADER = "=== ranray worker {role} pid {pid} on {host} started {when}"
 _SIGNAL = re.compile(r"\*\*\* (SIG[A-Z]+) received")
 _FATAL = {"Segmentation fault": "SIGSEGV", "Aborted": "SIGABRT", "Bus error": "SIGBUS",
@@ -35,17 +36,13 @@ class RunFailed(RuntimeError):
     """A job's workers failed for good; the message is the one line the user gets."""
 
 
-def worker_log_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / LOGS_DIR / f"rank{rank}.log"
-
-
 def worker_log(run_dir: Path, rank: int) -> Path:
     """Send this Ray Train worker's stderr to its rank's log (and ranray's log lines to stdout too).
 
     Never undone: a Ray Train worker process serves one worker group, and Ray's own report of the
     training function's error (written after it returns) belongs in the same file.
     """
-    return redirect_stderr(worker_log_path(run_dir, rank), f"rank {rank}")
+    return redirect_stderr(RunDir(run_dir).worker_log(rank), f"rank {rank}")
 
 
 def redirect_stderr(path: Path, role: str) -> Path:
@@ -103,7 +100,7 @@ def describe_worker_failure(rank: int, error: BaseException, run_dir: Path) -> s
         first = str(cause).strip().splitlines()
         return f"{where} raised {type(cause).__name__}: {first[-1] if first else ''}"
     text = str(cause)
-    signal_name = crash_signal(worker_log_path(run_dir, rank), pid)
+    signal_name = crash_signal(RunDir(run_dir).worker_log(rank), pid)
     if signal_name:
         why = f"died of {signal_name}"
     elif "low on memory" in text:
@@ -128,7 +125,7 @@ def explain(error: BaseException, *, job: str, run_dir: Path, max_failures: int)
     others = f" ({len(failures) - 1} other rank(s) failed with it)" if len(failures) > 1 else ""
     retries = f"{max_failures} retr{'y' if max_failures == 1 else 'ies'}"
     return (f"{job} failed: worker {what}{others}, after {retries} (checkpoint.max_failures); "
-            f"its log: {worker_log_path(run_dir, rank)}; the last good checkpoint is kept in {run_dir}")
+            f"its log: {RunDir(run_dir).worker_log(rank)}; the last good checkpoint is kept in {run_dir}")
 
 
 # ---------------------------------------------------------------------------------------------

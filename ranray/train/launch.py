@@ -1,13 +1,17 @@
-"""Launch code for fine-tuning: a TorchTrainer from a TrainConfig, kept apart from the loop.
+"""The one driver for both trainers: checks before Ray, the TorchTrainer, a whole run.
 
-    preflight(cfg)        every check that can fail without Ray: data dir, splits, subset rows,
-                          classes, the model and a strict load of model.init_backbone
-    build_trainer(cfg)    the TorchTrainer (ScalingConfig, RunConfig with a deterministic name and
-                          storage_path, CheckpointConfig, FailureConfig); Tune's trial calls this
-    run_training(cfg)     preflight, ray.init if needed, the MLflow run, fit, the exported model
+    preflight(cfg)          every check of a fine-tuning config that can fail without Ray: data dir,
+                            splits, subset rows, classes, the model and a strict load of
+                            model.init_backbone (pretraining has its own: pretrain.preflight)
+    build_trainer(cfg)      the TorchTrainer for a TrainConfig or a PretrainConfig (ScalingConfig,
+                            RunConfig with a deterministic name and storage_path, CheckpointConfig,
+                            FailureConfig); every worker runs the job's task on the engine. Tune's
+                            trial calls this
+    run_training(cfg)       preflight, Ray, the MLflow run, fit, the exported model
+    run_pretraining(cfg)    the same for pretraining
 
-A run lives in `storage_path/run_name` (the run directory): Ray's checkpoint_* folders and
-snapshot, plus ours: config.yaml, model/{best,final}.pt, plots/, steps/, the MLflow store.
+A run lives in `storage_path/run_name` (the run directory, ranray.train.run_dir.RunDir): Ray's
+checkpoint_* folders and snapshot, plus ours: config.yaml, model/, plots/, logs/, the MLflow store.
 Running the same command with the same run.name resumes that run from its newest good checkpoint
 (Ray Train V2 reloads the run's checkpoint snapshot from `storage_path/name`).
 """
@@ -16,19 +20,39 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ranray.config import ConfigError, TrainConfig, flatten, save_config, to_dict
+from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config, to_dict
+from ranray.train.run_dir import RunDir
 
 log = logging.getLogger("ranray.train")
 
-CONFIG_FILE = "config.yaml"
+@dataclass(frozen=True)
+class Job:
+    """What the driver needs to know of a job: its workers' function and the files it leaves."""
+
+    verb: str  # in messages: "training failed: ..."
+    tag: str  # MLflow's "job" tag, and the prefix of a generated run name
+    worker: str  # "module:function" that every Ray Train worker runs
+    # RunDir properties of what a run leaves, the final model first (a run that has it is finished),
+    # then the best model; they name the result's artifacts
+    outputs: tuple[str, ...]
+    tags: Callable[[Any], dict[str, str]] = lambda cfg: {}
+
+
+JOBS: dict[type, Job] = {
+    TrainConfig: Job("training", "train", "ranray.train.finetune:train_func_per_worker",
+                     ("final_model", "best_model", "confusion", "attention"),
+                     tags=lambda cfg: {"train_subset": cfg.data.train_subset}),
+    PretrainConfig: Job("pretraining", "pretrain", "ranray.train.pretrain:train_func_per_worker",
+                        ("backbone", "best_backbone")),
+}
 
 
 @dataclass
@@ -56,11 +80,11 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def resolve_run_name(cfg: TrainConfig) -> str:
-    return cfg.run.name or time.strftime("train-%Y%m%d-%H%M%S")
+def resolve_run_name(cfg: TrainConfig | PretrainConfig) -> str:
+    return cfg.run.name or time.strftime(f"{JOBS[type(cfg)].tag}-%Y%m%d-%H%M%S")
 
 
-def resolve_storage_path(cfg: TrainConfig) -> str:
+def resolve_storage_path(cfg: TrainConfig | PretrainConfig) -> str:
     """Ray wants an absolute local path or a URI (s3://, gs://, ...)."""
     path = cfg.run.storage_path or "runs"
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
@@ -148,10 +172,10 @@ def _model_key(cfg: TrainConfig, message: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: TrainConfig, *, run_name: str | None = None, storage_path: str | None = None,
+def build_trainer(cfg: TrainConfig | PretrainConfig, *, run_name: str | None = None, storage_path: str | None = None,
                   callbacks: Sequence[Any] = (), tracking_run_id: str | None = None,
-                  parent_run_id: str | None = None):
-    """The TorchTrainer that runs `train_func_per_worker` for `cfg`.
+                  parent_run_id: str | None = None, plan: Any = None):
+    """The TorchTrainer whose workers run the job of `cfg` (fine-tuning or pretraining).
 
     run_name: Ray's RunConfig name (default: cfg.run.name, else a timestamp); deterministic names
         resume: a trainer with the name and storage of an earlier run continues its checkpoints.
@@ -159,21 +183,26 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None, storage_path
     callbacks: Ray Train UserCallbacks, e.g. Tune's TuneReportCallback.
     tracking_run_id: an MLflow run that rank 0 logs into (its owner ends it); otherwise rank 0
         starts or resumes the run of this run directory itself, as a child of `parent_run_id`.
+    plan: pretraining's PretrainPlan (pretrain.preflight).
     """
+    import importlib
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ranray.train.finetune import train_func_per_worker
-
+    job = JOBS[type(cfg)]
+    module, _, function = job.worker.partition(":")
     name = run_name or resolve_run_name(cfg)
     storage = storage_path or resolve_storage_path(cfg)
-    run_dir = run_dir_for(storage, name)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    loop_config = {"config": to_dict(cfg), "run_name": name, "run_dir": str(run_dir_for(storage, name)),
+                   "tracking_run_id": tracking_run_id, "parent_run_id": parent_run_id}
+    if plan is not None:
+        loop_config["plan"] = asdict(plan)
     return TorchTrainer(
-        train_func_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run_name": name, "run_dir": str(run_dir),
-                           "tracking_run_id": tracking_run_id, "parent_run_id": parent_run_id},
+        getattr(importlib.import_module(module), function),
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -197,34 +226,44 @@ def open_run(cfg: Any, name: str, run_dir: Path, final: Path, tags: dict[str, st
 
     if final.exists():
         raise ConfigError(f"run '{name}' already finished ({final}); set run.name to start a new run")
-    resumed = (run_dir / CONFIG_FILE).exists()
+    resumed = RunDir(run_dir).config.exists()
     _record_config(cfg, run_dir, resumed)
     ensure_ray()
     tracker = Tracker(cfg.tracking, run_dir)
     run_id = tracker.start(name, params=flatten(cfg), tags=tags, resume=True)
-    tracker.log_artifact(run_dir / CONFIG_FILE)
+    tracker.log_artifact(RunDir(run_dir).config)
     return resumed, tracker, run_id
 
 
 def run_training(cfg: TrainConfig, *, run_name: str | None = None) -> TrainingResult:
-    """Check, start Ray if needed, train, and return where everything is."""
+    """Check, start Ray if needed, fine-tune, and return where everything is."""
     preflight(cfg)
+    return run_job(cfg, run_name=run_name)
+
+
+def run_pretraining(cfg: PretrainConfig, *, run_name: str | None = None) -> TrainingResult:
+    """Check, start Ray if needed, pretrain, and return where everything is."""
+    from ranray.train.pretrain import preflight as pretrain_preflight
+
+    return run_job(cfg, run_name=run_name, plan=pretrain_preflight(cfg))
+
+
+def run_job(cfg: TrainConfig | PretrainConfig, *, run_name: str | None, plan: Any = None) -> TrainingResult:
+    job = JOBS[type(cfg)]
     name = run_name or resolve_run_name(cfg)
     run_dir = run_dir_for(resolve_storage_path(cfg), name)
-    final = run_dir / "model" / "final.pt"
-    resumed, tracker, run_id = open_run(cfg, name, run_dir, final,
-                                        tags={"job": "train", "train_subset": cfg.data.train_subset})
+    files = RunDir(run_dir)
+    final, best = (getattr(files, key) for key in job.outputs[:2])
+    resumed, tracker, run_id = open_run(cfg, name, run_dir, final, tags={"job": job.tag, **job.tags(cfg)})
     started = time.perf_counter()
-    with fit_or_explain("training", run_dir, cfg.checkpoint.max_failures), tracker:  # FAILED if fit raises
-        result = build_trainer(cfg, run_name=name, tracking_run_id=run_id).fit()
-    artifacts = {key: path for key, path in (
-        ("config", run_dir / CONFIG_FILE), ("final_model", final), ("best_model", run_dir / "model" / "best.pt"),
-        ("confusion", run_dir / "plots" / "confusion_val.png"),
-        ("attention", run_dir / "plots" / "attention_faces.png")) if path.exists()}
+    with fit_or_explain(job.verb, run_dir, cfg.checkpoint.max_failures), tracker:  # FAILED if fit raises
+        result = build_trainer(cfg, run_name=name, tracking_run_id=run_id, plan=plan).fit()
+    outputs = {key: getattr(files, key) for key in ("config", *job.outputs)}
+    artifacts = {key: path for key, path in outputs.items() if path.exists()}
     return TrainingResult(
         run_name=name, run_dir=run_dir, metrics=dict(result.metrics or {}),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
-        final_model=artifacts.get("final_model"), best_model=artifacts.get("best_model"),
+        final_model=final if final.exists() else None, best_model=best if best.exists() else None,
         tracking_uri=tracker.tracking_uri, mlflow_run_id=run_id, ui_command=tracker.ui_command(),
         elapsed_s=time.perf_counter() - started, resumed=resumed, artifacts=artifacts)
 
@@ -243,7 +282,7 @@ def fit_or_explain(job: str, run_dir: Path, max_failures: int) -> Iterator[None]
 
 
 def _record_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
-    path = run_dir / CONFIG_FILE
+    path = RunDir(run_dir).config
     if resumed:
         old = flatten(yaml.safe_load(path.read_text()) or {})
         changed = sorted(k for k, v in flatten(cfg).items() if old.get(k, v) != v)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import SUBSET_FLAGS
+from ranray.train.collectives import collective_device, distributed
 
 ArrayLike = Any  # numpy array, torch tensor, or a sequence of ints
 
@@ -140,11 +141,11 @@ class EvalAccumulator:
         return EvalResult(metrics, cm, self.class_names)
 
     def _reduced(self) -> tuple[np.ndarray, np.ndarray, float, int]:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not distributed():
             return self._cm, self._subset, self._loss_sum, self._loss_rows
         # One packed int64 tensor, one collective. The loss sum travels as float64 separately.
         counts = np.concatenate([self._cm.ravel(), self._subset.ravel(), [self._loss_rows]])
-        device = _collective_device()
+        device = collective_device()
         packed = torch.from_numpy(counts).to(device)
         loss = torch.tensor([self._loss_sum], dtype=torch.float64, device=device)
         dist.all_reduce(packed)
@@ -154,10 +155,3 @@ class EvalAccumulator:
         cm = packed[:c2].reshape(self.num_classes, self.num_classes)
         subset = packed[c2:-1].reshape(-1, 2)
         return cm, subset, float(loss.item()), int(packed[-1])
-
-
-def _collective_device() -> torch.device:
-    # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

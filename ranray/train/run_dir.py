@@ -1,0 +1,82 @@
+"""Every file of a run, named once: the run directory, storage_path/run_name.
+
+Beside Ray Train's checkpoint_* folders and checkpoint_manager_snapshot.json (ranray.train.commits):
+
+    config.yaml                       the job's config; a resumed run is checked against it
+    model/best.pt, model/final.pt     fine-tuning's exported models (+ .yaml beside each)
+    model/backbone_best.pt, model/backbone.pt    pretraining's exported backbones (+ .yaml)
+    plots/confusion_val.png, plots/attention_faces.png
+    logs/rank<r>.log                  each worker's stderr (ranray.train.failures)
+    mlflow.db, mlartifacts/, tracking.json, metrics.jsonl    the default MLflow store, the run's id,
+                                      the offline fallback (ranray.tracking names them: a Tune
+                                      summary directory has them too)
+
+Exported models are plain state_dicts, never read as checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    def __truediv__(self, other: str | os.PathLike) -> Path:
+        return self.root / other
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def best_model(self) -> Path:
+        return self.model / "best.pt"
+
+    @property
+    def final_model(self) -> Path:
+        return self.model / "final.pt"
+
+    @property
+    def best_backbone(self) -> Path:
+        return self.model / "backbone_best.pt"
+
+    @property
+    def backbone(self) -> Path:
+        return self.model / "backbone.pt"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def confusion(self) -> Path:
+        return self.plots / "confusion_val.png"
+
+    @property
+    def attention(self) -> Path:
+        return self.plots / "attention_faces.png"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def worker_log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"

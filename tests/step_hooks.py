@@ -1,0 +1,103 @@
+"""Engine hooks the tests own: per-rank step records and injected faults.
+
+Jobs name them in `run.hooks` ("step_hooks:StepsLog"); conftest puts this folder on the
+PYTHONPATH of every Ray process the tests start, so workers, job drivers and cluster nodes import
+them. A fault is a factory per case (hooks are built without arguments).
+
+`steps/rank<r>.log` (StepsLog): "start <generation> <resume step>" at each start of a worker,
+"step <n> <epoch> <digest of the batch keys>" after each step; PretrainStepsLog adds
+"shard <first class> <end class> <digest>" of the rank's class centres at each start and
+"saved <step> <digest>" after each committed checkpoint. `committed_steps` reads the lineage of
+the final model back from such a log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ranray.train.engine import Engine, Hook
+
+STEPS_DIR = "steps"
+FAULTS_DIR = "faults"
+
+
+class StepsLog(Hook):
+    def on_start(self, e: Engine) -> None:
+        path = e.run_dir / STEPS_DIR / f"rank{e.rank}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", buffering=1)
+        self.file.write(f"start {e.state.generation} {e.state.step}\n")
+
+    def on_step(self, e: Engine, batch: dict) -> None:
+        digest = hashlib.sha1("\0".join(batch["keys"]).encode()).hexdigest()[:16]
+        self.file.write(f"step {e.state.step} {e.state.epoch} {digest}\n")
+
+    def on_exit(self, e: Engine) -> None:
+        if hasattr(self, "file"):
+            self.file.close()
+
+
+def shard_digest(e: Engine) -> str:
+    return hashlib.sha1(e.task.head.weight.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+class PretrainStepsLog(StepsLog):
+    def on_start(self, e: Engine) -> None:
+        super().on_start(e)
+        head = e.task.head
+        self.file.write(f"shard {head.class_start} {head.class_end} {shard_digest(e)}\n")
+
+    def on_report(self, e: Engine) -> None:
+        # Paired with the "shard" line of a later start: a resume restored the shard saved here.
+        self.file.write(f"saved {e.state.step} {shard_digest(e)}\n")
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by FailOnce, to exercise FailureConfig and resumption."""
+
+
+class FailOnce(Hook):
+    """Rank `rank` raises after step `step`, once per run: a marker file lets the restarted group pass."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
+
+    def on_step(self, e: Engine, batch: dict) -> None:
+        if e.state.step != self.step or e.rank != self.rank:
+            return
+        marker = e.run_dir / FAULTS_DIR / f"fail_at_step_{self.step}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise InjectedFault(f"fail_at_step: rank {e.rank} fails after step {e.state.step}")
+
+
+def fail_at_step_1() -> FailOnce:
+    return FailOnce(1)
+
+
+def fail_at_step_5_on_rank_1() -> FailOnce:
+    return FailOnce(5, rank=1)
+
+
+def fail_at_step_9_on_rank_1() -> FailOnce:
+    return FailOnce(9, rank=1)
+
+
+def committed_steps(path: str | Path) -> list[tuple[int, int, str]]:
+    """The (step, epoch, keys digest) lineage of the final model from a steps log.
+
+    A start at step S discards what the log holds after S: that work was lost with the failed
+    group and redone. A step that appears twice in the result was applied twice.
+    """
+    lineage: list[tuple[int, int, str]] = []
+    for line in Path(path).read_text().splitlines():
+        kind, *fields = line.split()
+        if kind == "start":
+            resume_step = int(fields[1])
+            lineage = [entry for entry in lineage if entry[0] <= resume_step]
+        elif kind == "step":
+            lineage.append((int(fields[0]), int(fields[1]), fields[2]))
+    return lineage
