@@ -10,7 +10,8 @@ Where runs go:
 The run directory must be local (or a shared file system): a sqlite store cannot live on s3://.
 
 Tracking never stops training: a server that does not answer at start, or calls that keep
-failing, give one warning and from then on params / metrics / tags go to `<run_dir>/metrics.jsonl`.
+failing, give one warning and from then on params / metrics / tags go to the run directory's
+`metrics.jsonl` (ranray.train.run_dir names every file).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
                                      MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
 
+from ranray.train.run_dir import RunDir
+
 log = logging.getLogger(__name__)
 
-LOCAL_LOG = "metrics.jsonl"
-RUN_RECORD = "tracking.json"  # the run id of this run dir, so a re-run resumes the same MLflow run
 PARENT_TAG = "mlflow.parentRunId"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
@@ -61,13 +62,13 @@ def resolve_tracking_uri(uri: str, run_dir: str | os.PathLike) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
-    return "sqlite:///" + Path(run_dir).resolve().joinpath("mlflow.db").as_posix()
+    return "sqlite:///" + RunDir(Path(run_dir).resolve()).mlflow_db.as_posix()
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
     """Artifacts beside a sqlite database; a server (or other store) decides for itself."""
     db = _sqlite_path(tracking_uri)
-    return (db.parent / "mlartifacts").as_uri() if db is not None else None
+    return RunDir(db.parent).mlflow_artifacts.as_uri() if db is not None else None
 
 
 def ui_command(tracking_uri: str, port: int = 5000) -> str:
@@ -86,14 +87,14 @@ class Tracker:
     """
 
     def __init__(self, config: Any, run_dir: str | os.PathLike, *, probe_timeout_s: float = 3.0):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = RunDir(run_dir)
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = resolve_tracking_uri(getattr(config, "uri", "") or "", self.run_dir)
         self.experiment = getattr(config, "experiment", "") or "ranray"
         self.probe_timeout_s = probe_timeout_s
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self.local_log = self.run_dir / LOCAL_LOG
+        self.local_log = self.run_dir.offline_metrics
         self._client: MlflowClient | None = None
         self._offline_reason: str | None = None
         self._failures = 0
@@ -333,16 +334,17 @@ class Tracker:
 
     def _record_run(self) -> None:
         record = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment": self.experiment}
-        tmp = self.run_dir / f".{RUN_RECORD}.{os.getpid()}.tmp"
+        final = self.run_dir.tracking_record
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.run_dir / RUN_RECORD)
+            os.replace(tmp, final)
         except OSError as exc:
             log.warning("could not record the run id in %s: %s", self.run_dir, exc)
 
     def _recorded_run_id(self) -> str | None:
         try:
-            record = json.loads((self.run_dir / RUN_RECORD).read_text())
+            record = json.loads(self.run_dir.tracking_record.read_text())
         except (OSError, ValueError):
             return None
         same_store = record.get("tracking_uri") == self.tracking_uri
@@ -387,7 +389,7 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
 
 def read_local_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records a tracker kept locally while MLflow was unreachable."""
-    path = Path(run_dir) / LOCAL_LOG
+    path = RunDir(run_dir).offline_metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

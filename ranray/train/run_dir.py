@@ -7,9 +7,10 @@ Beside Ray Train's checkpoint_* folders and checkpoint_manager_snapshot.json (ra
     model/backbone_best.pt, model/backbone.pt    pretraining's exported backbones (+ .yaml)
     plots/confusion_val.png, plots/attention_faces.png
     logs/rank<r>.log                  each worker's stderr (ranray.train.failures)
-    mlflow.db, mlartifacts/, tracking.json, metrics.jsonl    the default MLflow store, the run's id,
-                                      the offline fallback (ranray.tracking names them: a Tune
-                                      summary directory has them too)
+    mlflow.db, mlartifacts/           the default MLflow store and its artifacts (ranray.tracking)
+    tracking.json                     the MLflow run of this directory, so a re-run resumes it
+    metrics.jsonl                     what the tracker kept while MLflow was unreachable
+A Tune search's summary directory is a RunDir too (its tracking files only).
 
 Exported models are plain state_dicts, never read as checkpoints.
 """
@@ -80,3 +81,19 @@ class RunDir:
 
     def worker_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def tracking_record(self) -> Path:
+        return self.root / "tracking.json"
+
+    @property
+    def offline_metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
