@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import report  # noqa: E402
 
 from ranray.hardware import cpu_info  # noqa: E402
-from ranray.models import RANConfig, RegionAttentionNetwork, region_biased_loss  # noqa: E402
+from ranray.config import ModelConfig  # noqa: E402
+from ranray.models import RegionAttentionNetwork, region_biased_loss  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,7 +66,7 @@ def step(net, forward, images, labels, precision: str, device: torch.device) -> 
 def measure(backbone: str, precision: str, fmt: str, args, device: torch.device) -> tuple[float, float, int]:
     torch.manual_seed(0)
     memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-    net = RegionAttentionNetwork(RANConfig(backbone=backbone, num_regions=args.regions)).to(device).train()
+    net = RegionAttentionNetwork(ModelConfig(backbone=backbone, num_regions=args.regions)).to(device).train()
     net = net.to(memory_format=memory_format)
     images = torch.randn(args.batch, 3, 112, 112, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 8, (args.batch,), device=device)

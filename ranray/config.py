@@ -6,15 +6,19 @@ keys and wrong types with a message naming the dotted key, before anything expen
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -64,7 +68,6 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
     train_subset: Literal["all", "occlusion", "pose30", "pose45"] = "all"
     loader: Literal["dali", "torch"] = "dali"
     num_threads: int = 2
@@ -75,14 +78,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The RAN, as ranray.models.ran.RegionAttentionNetwork takes it (the only model config)."""
+
     backbone: str = "iresnet50"
     region_mode: Literal["fixed", "landmark", "random"] = "fixed"
     num_regions: int = 6  # K, the whole face included
     crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
     dropout: float = 0.0
     num_classes: int = 8
-    rb_margin: float = 0.1
+    input_size: int = 112  # the backbone's input side; every region is resampled to it
     init_backbone: str = ""  # a pretraining checkpoint or an insightface backbone.pth, loaded strictly
+
+
+@dataclass
+class LossConfig:
+    """What fine-tuning minimises: expression loss (label mode) + region-biased loss (ranray.models.losses)."""
+
+    label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
+    rb_margin: float = 0.1  # RAN paper: 0.1 on FERPlus, 0.02-0.03 on AffectNet
 
 
 @dataclass
@@ -124,6 +137,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -135,13 +149,17 @@ class TrainConfig:
     max_steps: int = 0  # > 0: stop after this many steps (smoke runs, benchmarks); the LR schedule still spans `epochs`
     log_every_n_steps: int = 50  # the loss is read from the device (a sync) and logged at this cadence
 
+    # Keys that moved, old -> new: job files and checkpoints written before keep loading.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "model.rb_margin": "loss.rb_margin",
+        "data.label_mode": "loss.label_mode",
+    }
+
     def validate(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
-        _check(self.model.num_regions >= 2, "model.num_regions", "must be >= 2 (whole face + regions)")
-        _check(0.0 < self.model.crop_frac <= 1.0, "model.crop_frac", "must be in (0, 1]")
-        _check(0.0 <= self.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _check(self.model.rb_margin >= 0.0, "model.rb_margin", "must be >= 0")
+        check_model(self.model)
+        _check(self.loss.rb_margin >= 0.0, "loss.rb_margin", "must be >= 0")
         _check(self.optim.lr > 0.0, "optim.lr", "must be > 0")
         _check(all(0.0 < m < 1.0 for m in self.optim.milestones), "optim.milestones",
                "must be fractions of the epochs in (0, 1)")
@@ -278,6 +296,16 @@ class TuneConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_model(m: ModelConfig) -> None:
+    """The ranges of every model key; which K a region mode supports is the model's to say
+    (ranray.models.ran.check_regions)."""
+    _check(m.num_regions >= 2, "model.num_regions", "must be >= 2 (whole face + regions)")
+    _check(0.0 < m.crop_frac <= 1.0, "model.crop_frac", "must be in (0, 1]")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
+    _check(m.input_size >= 1, "model.input_size", "must be >= 1")
+
+
 def _check_loop(cfg: TrainConfig | PretrainConfig) -> None:
     _check(cfg.max_steps >= 0, "max_steps", "must be >= 0 (0: no limit)")
     _check(cfg.log_every_n_steps >= 1, "log_every_n_steps", "must be >= 1")
@@ -336,6 +364,7 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
     """Build a dataclass from a mapping, refusing unknown keys and wrong types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    raw = _renamed(cls, raw, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -344,6 +373,42 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
             f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     return cls(**kwargs)
+
+
+def _renamed(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`raw` with the class's RENAMED_KEYS moved to their new place (a warning each)."""
+    renames = getattr(cls, "RENAMED_KEYS", {})
+    if not any(_get_dotted(raw, old) is not _MISSING for old in renames):
+        return raw
+    raw = copy.deepcopy(raw)
+    for old, new in renames.items():
+        value = _pop_dotted(raw, old)
+        if value is _MISSING:
+            continue
+        if _get_dotted(raw, new) is not _MISSING:
+            raise ConfigError(f"config keys '{prefix}{old}' and '{prefix}{new}' are both set; "
+                              f"'{prefix}{old}' is the old name of '{prefix}{new}', keep only that")
+        log.warning("config key '%s%s' is now '%s%s'", prefix, old, prefix, new)
+        _set_dotted(raw, new, value)
+    return raw
+
+
+_MISSING = object()
+
+
+def _get_dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _pop_dotted(raw: dict[str, Any], key: str) -> Any:
+    *sections, leaf = key.split(".")
+    parent = _get_dotted(raw, ".".join(sections)) if sections else raw
+    return parent.pop(leaf) if isinstance(parent, dict) and leaf in parent else _MISSING
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -79,7 +79,7 @@ def _choice(values: Sequence[Any]) -> Any:
 
 
 KNOBS: dict[str, Knob] = {
-    "margin": Knob("model.rb_margin", lambda s: _range(tune.uniform, s.margin_min, s.margin_max),
+    "margin": Knob("loss.rb_margin", lambda s: _range(tune.uniform, s.margin_min, s.margin_max),
                    lambda s: (s.margin_min, s.margin_max), minimum=0.0),
     "lr": Knob("optim.lr", lambda s: _range(tune.loguniform, s.lr_min, s.lr_max),
                lambda s: (s.lr_min, s.lr_max)),

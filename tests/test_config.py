@@ -16,15 +16,28 @@ def write(tmp_path, text: str):
 
 
 def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
-    path = write(tmp_path, "epochs: 3\nmodel:\n  backbone: iresnet_tiny\n  rb_margin: 0.2\n")
+    path = write(tmp_path, "epochs: 3\nmodel:\n  backbone: iresnet_tiny\nloss:\n  rb_margin: 0.2\n")
     cfg = load_config(TrainConfig, path, ["optim.lr=0.01", "data.augment.flip=false", "optim.milestones=[0.5]"])
     assert cfg.epochs == 3
     assert cfg.model.backbone == "iresnet_tiny"
-    assert cfg.model.rb_margin == pytest.approx(0.2)
+    assert cfg.loss.rb_margin == pytest.approx(0.2)
     assert cfg.optim.lr == pytest.approx(0.01)
     assert cfg.data.augment.flip is False
     assert cfg.optim.milestones == [0.5]
     assert cfg.model.num_regions == 6  # untouched default
+
+
+def test_renamed_keys_still_load_with_a_warning(tmp_path, caplog):
+    old = write(tmp_path, "model:\n  rb_margin: 0.2\ndata:\n  label_mode: crossentropy\n")
+    cfg = load_config(TrainConfig, old, ["model.backbone=iresnet_tiny"])
+    assert (cfg.loss.rb_margin, cfg.loss.label_mode) == (0.2, "crossentropy")
+    assert "config key 'model.rb_margin' is now 'loss.rb_margin'" in caplog.text
+    assert "config key 'data.label_mode' is now 'loss.label_mode'" in caplog.text
+    assert load_config(TrainConfig, None, ["model.rb_margin=0.05"]).loss.rb_margin == 0.05
+    with pytest.raises(ConfigError, match="'model.rb_margin' and 'loss.rb_margin' are both set"):
+        load_config(TrainConfig, old, ["loss.rb_margin=0.3"])
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "saved.yaml").read_text())
+    assert "rb_margin" not in saved["model"] and "label_mode" not in saved["data"]  # written under the new names
 
 
 def test_int_is_accepted_for_float_and_kept_as_float():
@@ -57,6 +70,8 @@ def test_wrong_type_or_choice_is_refused_by_name(override, key):
 @pytest.mark.parametrize("override, key", [
     ("epochs=0", "epochs"),
     ("model.num_regions=1", "model.num_regions"),
+    ("model.crop_frac=0", "model.crop_frac"),
+    ("loss.rb_margin=-0.1", "loss.rb_margin"),
     ("optim.milestones=[1.5]", "optim.milestones"),
     ("precision=fp16", "precision"),  # fp16 without a GPU
     ("log_every_n_steps=0", "log_every_n_steps"),
@@ -101,6 +116,6 @@ def test_saved_config_loads_back_identically(tmp_path):
 
 def test_flatten_gives_dotted_scalars():
     flat = flatten(TrainConfig())
-    assert flat["model.rb_margin"] == 0.1
+    assert flat["loss.rb_margin"] == 0.1
     assert flat["data.augment.erase_prob"] == 0.25
     assert all(not isinstance(v, dict) for v in flat.values())

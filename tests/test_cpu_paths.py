@@ -50,7 +50,7 @@ labels = torch.randint(0, cfg.model.num_classes, (cfg.batch_size,))
 for _ in range(2):
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
         out = net(images)
-    loss = expression_loss(out.logits, labels, None, "majority") + region_biased_loss(out.mu, cfg.model.rb_margin)
+    loss = expression_loss(out.logits, labels, None, "majority") + region_biased_loss(out.mu, cfg.loss.rb_margin)
     opt.zero_grad()
     loss.backward()
     opt.step()

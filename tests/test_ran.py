@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from ranray.config import ModelConfig
-from ranray.models import (RANConfig, RegionAttentionNetwork, build_ran, create_model, expression_loss,
+from ranray.config import ConfigError, ModelConfig
+from ranray.models import (RegionAttentionNetwork, build_ran, create_model, expression_loss,
                            region_biased_loss)
 
 
 def tiny_ran(seed: int = 0, **kw) -> RegionAttentionNetwork:
     torch.manual_seed(seed)
-    return RegionAttentionNetwork(RANConfig(backbone="iresnet_tiny", **kw))
+    return RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", **kw))
 
 
 def ramp_images(b: int = 2, size: int = 112) -> torch.Tensor:
@@ -43,7 +43,7 @@ def calibrated(model: RegionAttentionNetwork, x: torch.Tensor) -> RegionAttentio
 
 def test_attention_matches_hand_computation():
     torch.manual_seed(0)
-    net = RegionAttentionNetwork(RANConfig(backbone="iresnet_tiny", num_regions=3),
+    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=3),
                                  backbone=create_model("iresnet_tiny", num_features=2))
     with torch.no_grad():
         net.alpha.weight.copy_(torch.tensor([[1.0, -1.0]]))
@@ -224,7 +224,7 @@ def test_build_ran_from_model_config_loads_init_backbone(tmp_path):
 def test_build_ran_rejects_wrong_shaped_backbone_checkpoint(tmp_path):
     path = tmp_path / "wrong_width.pth"
     torch.save(create_model("iresnet_tiny", num_features=16).state_dict(), path)
-    with pytest.raises(ValueError, match=r"wrong_width\.pth.*fc\.weight"):
+    with pytest.raises(ConfigError, match=r"'model.init_backbone'.*wrong_width\.pth.*fc\.weight"):
         build_ran(ModelConfig(backbone="iresnet_tiny", init_backbone=str(path)))
 
 
@@ -246,15 +246,15 @@ def test_bad_inputs_get_clear_errors():
 
 def test_bad_configs_get_clear_errors():
     with pytest.raises(ValueError, match=r"unknown region_mode 'grid'; known: fixed, landmark, random"):
-        RANConfig(backbone="iresnet_tiny", region_mode="grid")
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_mode="grid"))
     with pytest.raises(ValueError, match=r"'fixed' supports num_regions in 2\.\.6.*got 8"):
-        RANConfig(backbone="iresnet_tiny", num_regions=8)
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=8))
     with pytest.raises(ValueError, match=r"'landmark' supports num_regions in 2\.\.9.*got 1"):
-        RANConfig(backbone="iresnet_tiny", region_mode="landmark", num_regions=1)
-    with pytest.raises(ValueError, match=r"crop_frac must be in \(0, 1\]"):
-        RANConfig(crop_frac=1.5)
-    with pytest.raises(ValueError, match=r"unknown model 'resnet50'.*iresnet50"):
-        RegionAttentionNetwork(RANConfig(backbone="resnet50"))
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_mode="landmark", num_regions=1))
+    with pytest.raises(ConfigError, match=r"'model.crop_frac' must be in \(0, 1\]"):
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", crop_frac=1.5))
+    with pytest.raises(ConfigError, match=r"'model.backbone': unknown model 'resnet50'.*iresnet50"):
+        RegionAttentionNetwork(ModelConfig(backbone="resnet50"))
 
 
 def test_landmark_mode_without_landmarks_is_refused():

@@ -80,6 +80,13 @@ def test_matching_backbone_checkpoint_passes(data_dir, tmp_path):
     assert manifest["num_classes"] == NUM_CLASSES
 
 
+def test_training_in_another_label_mode_than_prepared_is_refused(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"'loss.label_mode' is 'crossentropy' but .* prepared with "
+                                          r"label_mode='majority'"):
+        preflight(tiny_config(data_dir, tmp_path, "x", "loss.label_mode=crossentropy"))
+    assert preflight(tiny_config(data_dir, tmp_path, "x", "loss.label_mode=majority"))["label_mode"] == "majority"
+
+
 def test_class_count_and_empty_subset_are_refused(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.num_classes"):
         preflight(tiny_config(data_dir, tmp_path, "x", "model.num_classes=8"))

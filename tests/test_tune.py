@@ -171,8 +171,8 @@ def test_trial_config_carries_the_trial_values_name_and_resources(tmp_path, data
     path = write_tune(tmp_path, write_base(tmp_path, dataset), workers_per_trial=2, cpus_per_worker=0.5)
     plan = plan_search(path, ["space.region_mode=[landmark]"])
     cfg = trial_config(plan, {"margin": np.float64(0.2), "lr": 0.01, "region_mode": "landmark"}, "abc_00001")
-    assert (cfg.model.rb_margin, cfg.optim.lr, cfg.model.region_mode) == (0.2, 0.01, "landmark")
-    assert type(cfg.model.rb_margin) is float
+    assert (cfg.loss.rb_margin, cfg.optim.lr, cfg.model.region_mode) == (0.2, 0.01, "landmark")
+    assert type(cfg.loss.rb_margin) is float
     assert cfg.run.name == "search-abc_00001" and cfg.epochs == plan.cfg.max_epochs
     assert cfg.run.storage_path == str(tmp_path.resolve() / "runs" / "search" / "train")
     assert (cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu) == (2, 0.5, False)
@@ -247,7 +247,7 @@ def test_asha_stops_bad_trials_and_keeps_the_best_among_the_good(ray_session, tm
     assert set(table[0]) >= {"margin", "lr", "best_val_accuracy", "epochs_run", "status", "checkpoint"}
     best_cfg = load_config(TrainConfig, result.best_config)
     assert best_cfg.optim.lr == pytest.approx(best.params["lr"])
-    assert best_cfg.model.rb_margin == pytest.approx(best.params["margin"])
+    assert best_cfg.loss.rb_margin == pytest.approx(best.params["margin"])
     assert best_cfg.epochs == 5  # the base config's schedule, not the search's max_epochs
     assert result.plot.read_bytes()[:4] == b"\x89PNG"
 

@@ -16,7 +16,7 @@ HELP = "fine-tune RAN on a prepared dataset with Ray Train (DDP on CPU or GPU, c
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a train job YAML (TrainConfig), e.g. jobs/ferplus_ran_r50.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. epochs=10 scaling.num_workers=4 model.rb_margin=0.05")
+                        help="config overrides, e.g. epochs=10 scaling.num_workers=4 loss.rb_margin=0.05")
 
 
 def run(args: argparse.Namespace) -> int:

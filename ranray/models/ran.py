@@ -26,42 +26,15 @@ the backbone's BatchNorm sees statistics over all B*K crops together instead of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ranray.config import ConfigError, ModelConfig, check_model
 from ranray.models.iresnet import load_backbone_state
 from ranray.models.registry import create_model
-
-if TYPE_CHECKING:
-    from ranray.config import ModelConfig
-
-
-@dataclass
-class RANConfig:
-    backbone: str = "iresnet50"
-    num_regions: int = 6  # K, the whole face included
-    region_mode: str = "fixed"
-    crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
-    dropout: float = 0.0
-    num_classes: int = 8
-    input_size: int = 112  # backbone input side; every region is resampled to it
-
-    def __post_init__(self) -> None:
-        mode = REGION_MODES.get(self.region_mode)
-        if mode is None:
-            raise ValueError(f"unknown region_mode '{self.region_mode}'; known: {', '.join(sorted(REGION_MODES))}")
-        if not 2 <= self.num_regions <= mode.max_regions:
-            raise ValueError(f"region_mode '{self.region_mode}' supports num_regions in 2..{mode.max_regions} "
-                             f"(whole face included), got {self.num_regions}")
-        if not 0.0 < self.crop_frac <= 1.0:
-            raise ValueError(f"crop_frac must be in (0, 1], got {self.crop_frac}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.num_classes < 1 or self.input_size < 1:
-            raise ValueError(f"num_classes and input_size must be >= 1, got {self.num_classes}, {self.input_size}")
 
 
 class RANOutput(NamedTuple):
@@ -177,11 +150,31 @@ def crop_regions(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
+def check_regions(cfg: ModelConfig) -> None:
+    """The model keys' ranges, and the K the region mode supports; a ConfigError names the key."""
+    mode = REGION_MODES.get(cfg.region_mode)
+    if mode is None:
+        raise ConfigError(f"config key 'model.region_mode': unknown region_mode '{cfg.region_mode}'; "
+                          f"known: {', '.join(sorted(REGION_MODES))}")
+    if not 2 <= cfg.num_regions <= mode.max_regions:
+        raise ConfigError(f"config key 'model.num_regions': region_mode '{cfg.region_mode}' supports num_regions "
+                          f"in 2..{mode.max_regions} (whole face included), got {cfg.num_regions}")
+    check_model(cfg)
+
+
+def _backbone(name: str) -> nn.Module:
+    try:
+        return create_model(name)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.backbone': {exc}") from exc
+
+
 class RegionAttentionNetwork(nn.Module):
-    def __init__(self, cfg: RANConfig, backbone: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None):
         super().__init__()
+        check_regions(cfg)
         self.cfg = cfg
-        self.backbone = backbone if backbone is not None else create_model(cfg.backbone)
+        self.backbone = backbone if backbone is not None else _backbone(cfg.backbone)
         d = getattr(self.backbone, "embedding_size", None)
         if not isinstance(d, int):
             raise ValueError(f"backbone {type(self.backbone).__name__} has no integer .embedding_size")
@@ -246,12 +239,12 @@ class RegionAttentionNetwork(nn.Module):
             raise ValueError(f"landmarks must be ({b}, 68, 2) pixel coordinates, got {tuple(landmarks.shape)}")
 
 
-def build_ran(model_cfg: "ModelConfig") -> RegionAttentionNetwork:
+def build_ran(cfg: ModelConfig) -> RegionAttentionNetwork:
     """The RAN a job config asks for; `init_backbone` (if set) is loaded strictly into the backbone."""
-    cfg = RANConfig(backbone=model_cfg.backbone, num_regions=model_cfg.num_regions,
-                    region_mode=model_cfg.region_mode, crop_frac=model_cfg.crop_frac,
-                    dropout=model_cfg.dropout, num_classes=model_cfg.num_classes)
     model = RegionAttentionNetwork(cfg)
-    if model_cfg.init_backbone:
-        load_backbone_state(model.backbone, model_cfg.init_backbone)
+    if cfg.init_backbone:
+        try:
+            load_backbone_state(model.backbone, cfg.init_backbone)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config key 'model.init_backbone': {exc}") from exc
     return model

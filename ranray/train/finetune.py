@@ -62,8 +62,8 @@ class FineTune:
     def loss(self, e: Engine, batch: dict[str, Any]) -> torch.Tensor:
         with e.autocast():
             out = e.model(batch["images"], batch["landmarks"] if self.use_landmarks else None)
-        return (expression_loss(out.logits, batch["labels"], batch["targets"], self.cfg.data.label_mode)
-                + region_biased_loss(out.mu, self.cfg.model.rb_margin))
+        return (expression_loss(out.logits, batch["labels"], batch["targets"], self.cfg.loss.label_mode)
+                + region_biased_loss(out.mu, self.cfg.loss.rb_margin))
 
     def validate(self, e: Engine) -> Validation:
         result = evaluate_loader(e.net, e.val_loader, e.autocast, self.use_landmarks,

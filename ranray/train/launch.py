@@ -140,31 +140,20 @@ def _check_data(cfg: TrainConfig) -> dict[str, Any]:
     if manifest.get("num_classes") != cfg.model.num_classes:
         raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but {cfg.data.dir} has "
                           f"{manifest.get('num_classes')} classes")
-    if cfg.data.label_mode != "majority" and manifest.get("label_mode") not in (cfg.data.label_mode, None):
-        log.warning("data.label_mode=%s but %s was prepared with label_mode=%s; its targets are used as stored",
-                    cfg.data.label_mode, cfg.data.dir, manifest.get("label_mode"))
+    prepared = manifest.get("label_mode")
+    if prepared is not None and prepared != cfg.loss.label_mode:
+        # The label mode decides which rows a dataset keeps (majority drops faces without one) and what
+        # its targets hold; training in another mode would use them silently wrong.
+        raise ConfigError(f"config key 'loss.label_mode' is {cfg.loss.label_mode!r} but {cfg.data.dir} was prepared "
+                          f"with label_mode={prepared!r}: train with loss.label_mode={prepared} or prepare again "
+                          f"with label_mode={cfg.loss.label_mode}")
     return manifest
 
 
 def _check_model(cfg: TrainConfig) -> None:
     from ranray.models import build_ran
 
-    try:
-        build_ran(cfg.model)  # also loads model.init_backbone strictly
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config key 'model.init_backbone': {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"config key '{_model_key(cfg, str(exc))}': {exc}") from exc
-
-
-def _model_key(cfg: TrainConfig, message: str) -> str:
-    """The ModelConfig key a model-building error is about (the errors name their subject)."""
-    if cfg.model.init_backbone and "backbone checkpoint" in message:
-        return "model.init_backbone"
-    if "unknown model" in message:
-        return "model.backbone"
-    return next((f"model.{k}" for k in ("region_mode", "num_regions", "crop_frac", "dropout") if k in message),
-                "model")
+    build_ran(cfg.model)  # a ConfigError names the key; also loads model.init_backbone strictly
 
 
 # ---------------------------------------------------------------------------------------------
