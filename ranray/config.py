@@ -113,10 +113,59 @@ class OptimConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    """Workers of a Ray Train job: a fixed count, or a range [min, max] for elastic training.
+
+    A range (`[2, 8]` in YAML, `scaling.num_workers=2-8` on the command line) becomes Ray's
+    ScalingConfig(num_workers=(min, max)): the group starts with what the cluster can give, up to
+    max, and restarts smaller or larger from the newest checkpoint when workers go or come back
+    (docs/ELASTIC.md). It is kept as an int when fixed and as [min, max] otherwise.
+    """
+
+    num_workers: int | list[int] | str = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used only with use_gpu
+
+    def __post_init__(self) -> None:
+        self.num_workers = parse_worker_range(self.num_workers)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """What ray.train.ScalingConfig(num_workers=...) takes: an int, or (min, max) when elastic."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.max_workers
+
+
+def parse_worker_range(value: Any, key: str = "scaling.num_workers") -> int | list[int]:
+    """4, [2, 8], "2-8" (or "4") -> 4, [2, 8], [2, 8]; [n, n] collapses to n."""
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None:
+        low, sep, high = text.partition("-")
+        if not (low.strip().isdigit() and (not sep or high.strip().isdigit())):
+            raise ConfigError(f"config key '{key}' must be a worker count or a range MIN-MAX, got {value!r}")
+        value = [int(low), int(high)] if sep else int(low)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(type(v) is int for v in value):
+            raise ConfigError(f"config key '{key}' as a range must be [min, max] of two ints, got {value!r}")
+        low, high = value
+        if not 1 <= low <= high:
+            raise ConfigError(f"config key '{key}' range [{low}, {high}] needs 1 <= min <= max")
+        return low if low == high else [low, high]
+    if type(value) is not int:
+        raise ConfigError(f"config key '{key}' must be an int or [min, max], got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    return value
 
 
 @dataclass
@@ -163,7 +212,7 @@ class TrainConfig:
         _check(self.optim.lr > 0.0, "optim.lr", "must be > 0")
         _check(all(0.0 < m < 1.0 for m in self.optim.milestones), "optim.milestones",
                "must be fractions of the epochs in (0, 1)")
-        _check(self.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        _check(self.scaling.min_workers >= 1, "scaling.num_workers", "must be >= 1")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         _check_loop(self)
         if self.precision == "fp16":

@@ -131,9 +131,10 @@ def _check_data(cfg: TrainConfig) -> dict[str, Any]:
             rows = build_index(cfg.data.dir, split, subset).num_rows
             if rows == 0:
                 raise ConfigError(f"config key '{key}': split '{split}' of {cfg.data.dir} has no rows{flagged}")
-            per_step = cfg.scaling.num_workers * cfg.batch_size
+            # The largest group the run may get (an elastic run grows up to max_workers).
+            per_step = cfg.scaling.max_workers * cfg.batch_size
             if key == "data.train_split" and rows < per_step:
-                raise ConfigError(f"config key 'batch_size': {cfg.scaling.num_workers} workers x {cfg.batch_size} "
+                raise ConfigError(f"config key 'batch_size': {cfg.scaling.max_workers} workers x {cfg.batch_size} "
                                   f"need {per_step} rows per step, split '{split}' has {rows}{flagged}")
     except DatasetError as exc:
         raise ConfigError(f"config key 'data.dir': {exc}") from exc
@@ -184,6 +185,9 @@ def build_trainer(cfg: TrainConfig | PretrainConfig, *, run_name: str | None = N
     name = run_name or resolve_run_name(cfg)
     storage = storage_path or resolve_storage_path(cfg)
     s = cfg.scaling
+    if s.elastic and cfg.checkpoint.max_failures == 0:
+        log.warning("scaling.num_workers=%s is elastic but checkpoint.max_failures=0: the run starts with what it "
+                    "gets, but a lost worker ends it instead of restarting on fewer", s.num_workers)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     loop_config = {"config": to_dict(cfg), "run_name": name, "run_dir": str(run_dir_for(storage, name)),
                    "tracking_run_id": tracking_run_id, "parent_run_id": parent_run_id}
@@ -192,7 +196,7 @@ def build_trainer(cfg: TrainConfig | PretrainConfig, *, run_name: str | None = N
     return TorchTrainer(
         getattr(importlib.import_module(module), function),
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=s.ray_num_workers(), use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,

@@ -80,10 +80,10 @@ def preflight(cfg: PretrainConfig) -> PretrainPlan:
 
 def _check_rows(cfg: PretrainConfig, manifest: dict[str, Any]) -> None:
     rows = manifest.get("splits", {}).get(cfg.data.train_split, {}).get("rows", 0)
-    needed = cfg.scaling.num_workers * cfg.batch_size
+    needed = cfg.scaling.max_workers * cfg.batch_size
     if rows < needed:
         raise ConfigError(f"config key 'batch_size': split '{cfg.data.train_split}' of {cfg.data.dir} has {rows} "
-                          f"rows, fewer than scaling.num_workers x batch_size = {needed}")
+                          f"rows, fewer than the most workers (scaling.num_workers) x batch_size = {needed}")
 
 
 def _check_classes(cfg: PretrainConfig, manifest: dict[str, Any]) -> int:
@@ -94,8 +94,8 @@ def _check_classes(cfg: PretrainConfig, manifest: dict[str, Any]) -> int:
     if cfg.num_classes and cfg.num_classes != have:
         raise ConfigError(f"config key 'num_classes' is {cfg.num_classes} but {cfg.data.dir} has {have} training "
                           "identities; leave it 0 to take the dataset's")
-    if have < cfg.scaling.num_workers:
-        raise ConfigError(f"config key 'scaling.num_workers': {cfg.scaling.num_workers} ranks for {have} classes; "
+    if have < cfg.scaling.max_workers:
+        raise ConfigError(f"config key 'scaling.num_workers': {cfg.scaling.max_workers} ranks for {have} classes; "
                           "every rank needs at least one class centre")
     return have
 
