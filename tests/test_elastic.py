@@ -3,6 +3,8 @@ and the loader's re-planned epoch (the runs on a real Ray are in test_pretrain /
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -48,3 +50,66 @@ def test_the_trainer_asks_ray_for_the_range(tmp_path):
     scaling = build_trainer(cfg).scaling_config
     assert scaling.num_workers == (2, 3) and scaling.elasticity_enabled
     assert (scaling.min_workers, scaling.max_workers) == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning on a real Ray: stopped mid-epoch on 2 workers, resumed on 1 and on 3
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_ROWS = 96  # train_fixtures.SPLITS["train"]: 6 steps of 2 x 8 per epoch on 2 workers
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(ray_session, tmp_path_factory) -> dict[int, object]:
+    """Rank 0 fails after step 3 (max_failures 0): the step-2 checkpoint, 32 of the epoch's 96 rows
+    used, is resumed from a copy of the run on 1 and on 3 workers."""
+    from train_fixtures import learnable_dataset, tiny_config
+
+    from ranray.train.failures import RunFailed
+    from ranray.train.launch import run_training
+
+    tmp = tmp_path_factory.mktemp("elastic_ft")
+    data = learnable_dataset(tmp / "ds")
+    hooks = ("step_hooks:KeysLog", "step_hooks:fail_at_step_3")
+    with pytest.raises(RunFailed):
+        run_training(tiny_config(data, tmp / "first", "ft", "checkpoint.max_failures=0", hooks=hooks))
+    results = {}
+    for workers in (1, 3):
+        storage = tmp / f"on{workers}"
+        shutil.copytree(tmp / "first", storage)
+        results[workers] = run_training(tiny_config(data, storage, "ft", "checkpoint.max_failures=0",
+                                                    f"scaling.num_workers={workers}", hooks=hooks))
+    return results
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_sample_of_the_interrupted_epoch_is_used_once_over_both_world_sizes(resumed_runs, workers):
+    from step_hooks import committed_batches
+
+    result = resumed_runs[workers]
+    batches = committed_batches(result.run_dir)
+    expected = sorted(f"train/{i:05d}.png" for i in range(TRAIN_ROWS))
+    for epoch in (0, 1):
+        keys = sorted(k for _, e, ks in batches if e == epoch for k in ks)
+        assert keys == expected, f"epoch {epoch}: each of the {TRAIN_ROWS} rows once"
+    steps = sorted({s for s, _, _ in batches})
+    rest = {1: 8, 3: 3}[workers]  # 64 rows left: 8 batches of 8 on 1 worker; 3 of 7-8 rows on each of 3
+    whole = TRAIN_ROWS // (workers * 8)
+    assert steps == list(range(1, 2 + rest + whole + 1)) and result.metrics["epoch"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_lr_schedule_goes_on_from_the_epoch_position(resumed_runs, workers):
+    from ranray.config import OptimConfig
+    from ranray.tracking import metric_history
+    from ranray.train.optim import lr_factor
+
+    result = resumed_runs[workers]
+    lrs = dict(metric_history(result.tracking_uri, result.mlflow_run_id, "lr"))
+    per_epoch = TRAIN_ROWS // (workers * 8)
+    position = round(32 / TRAIN_ROWS * per_epoch)  # a third of epoch 0, in steps of this world size
+    o = OptimConfig(name="sgd", lr=0.05, schedule="cosine", weight_decay=0.0)
+    # the first step after the resume (step 3) ran at schedule step `position`; the LR logged after it is the next
+    assert lrs[3] == pytest.approx(0.05 * lr_factor(position + 1, steps_per_epoch=per_epoch, epochs=2, o=o))
+    workers_logged = dict(metric_history(result.tracking_uri, result.mlflow_run_id, "workers"))
+    assert workers_logged[2] == workers

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ranray.config import ConfigError, TrainConfig
-from ranray.train.engine import Engine, load_hooks, read_loss
+from ranray.train.engine import Engine, apply_gradients, load_hooks, read_loss
 from ranray.train.optim import PRECISIONS
 from ranray.train.run_dir import RunDir
 
@@ -52,3 +52,74 @@ def test_hooks_are_named_by_import_path_and_a_bad_one_is_refused_by_key():
     assert type(hook).__name__ == "StepsLog"
     with pytest.raises(ConfigError, match="config key 'run.hooks': cannot load 'step_hooks:Nope'"):
         load_hooks(["step_hooks:Nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16: one overflow decision for the model and a task's own optimizer (Partial FC's)
+# ---------------------------------------------------------------------------------------------
+
+
+def fp16_engine(tmp_path) -> Engine:
+    from ranray.train.optim import lr_scheduler
+
+    e = engine(tmp_path)
+    e.precision = PRECISIONS["fp16"]
+    torch.manual_seed(0)
+    e.net = e.model = torch.nn.Linear(3, 2)
+    head = torch.nn.Linear(2, 1)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (e.net, head)]
+    e.steppers = [(o, lr_scheduler(o, steps_per_epoch=10, epochs=1, o=e.cfg.optim)) for o in opts]
+    e.optimizer, e.scheduler = e.steppers[0]
+    e.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    return e, head
+
+
+def params(*modules) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in modules for p in m.parameters()]
+
+
+def test_an_overflow_in_the_head_alone_skips_the_backbone_step_too(tmp_path):
+    e, head = fp16_engine(tmp_path)
+    x = torch.randn(4, 3)
+    before = params(e.net, head)
+    # x 2^10 (the scale) overflows float32 in the head's weight gradient only; the backbone's are 2^10
+    apply_gradients(e, e.net(x).sum() + head.weight.sum() * 3e38)
+    assert torch.isfinite(e.net.weight.grad).all() and not torch.isfinite(head.weight.grad).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, params(e.net, head)))  # neither stepped
+    assert e.scaler.get_scale() == 2.0 ** 9  # one decision: the scale backs off once
+    apply_gradients(e, head(e.net(x)).sum())
+    after = params(e.net, head)
+    assert not any(torch.equal(a, b) for a, b in zip(before, after))  # a finite step moves both
+    assert e.scaler.get_scale() == 2.0 ** 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic: the schedule's position and the LR rule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_schedule_goes_on_from_the_epoch_position_with_the_lr_scaled_by_workers():
+    from ranray.config import load_config
+    from ranray.train.elastic import align_schedules, lr_scale
+    from ranray.train.optim import lr_factor, lr_scheduler
+
+    cfg = load_config(TrainConfig, None, ["scaling.num_workers=1-4", "optim.schedule=cosine", "optim.lr=0.4"])
+    assert lr_scale(2, cfg) == 0.5 and lr_scale(4, cfg) == 1.0
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.optim.lr)
+    sched = lr_scheduler(opt, steps_per_epoch=30, epochs=2, o=cfg.optim)  # 30 steps per epoch on 2 workers
+    align_schedules([(opt, sched)], lr_scale(2, cfg), 0)  # what the engine does at a start
+    for _ in range(44):
+        opt.step()
+        sched.step()
+    at, saved = sched.get_last_lr()[0], (opt.state_dict(), sched.state_dict())
+    # A restart on 4 workers: 15 steps per epoch, so the 44/30 epochs done are step 22 of its schedule.
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.optim.lr)
+    sched = lr_scheduler(opt, steps_per_epoch=15, epochs=2, o=cfg.optim)
+    opt.load_state_dict(saved[0])
+    sched.load_state_dict(saved[1])
+    align_schedules([(opt, sched)], lr_scale(4, cfg), 22)
+    torch.testing.assert_close(sched.get_last_lr()[0], 0.4 * lr_factor(22, steps_per_epoch=15, epochs=2, o=cfg.optim))
+    torch.testing.assert_close(sched.get_last_lr()[0], 2 * at)  # the same factor, x 2 for twice the workers
+    opt.step()
+    sched.step()
+    assert sched.last_epoch == 23 and opt.param_groups[0]["lr"] == sched.get_last_lr()[0]

@@ -198,6 +198,44 @@ def test_resume_mid_epoch_yields_exactly_the_unseen_rows(data_dir, backend):
     assert resumed.state_dict()["batches"] == 0
 
 
+def _loaders(data_dir, world: int, state: dict | None = None, epoch: int = 2) -> list:
+    out = []
+    for r in range(world):
+        ld = build_loader(data_dir, "train", batch_size=4, rank=r, world_size=world, seed=3, training=True,
+                          augment=NO_AUG, backend="torch", num_threads=0)
+        if state is not None:
+            ld.load_state_dict(state)
+        ld.set_epoch(epoch)
+        out.append(ld)
+    return out
+
+
+def _take(loaders: list, n: int | None) -> list[str]:
+    """The keys of the next n batches (all if None) of every rank; the ranks' batch counts agree."""
+    parts = [flat([b["keys"] for b in islice(ld, n)]) for ld in loaders]
+    assert len({len(ld) for ld in loaders}) == 1
+    return flat(parts)
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (2, 3), (2, 3, 1)])
+def test_resume_on_other_world_sizes_uses_every_row_of_the_epoch_once(data_dir, worlds):
+    """Stop mid-epoch on 2 ranks, go on with 1, 3, or 3 then 1: the rows the epoch had not used are
+    re-planned over the new ranks (without drop_last), so the epoch uses each of its rows once."""
+    loaders = _loaders(data_dir, worlds[0])
+    used = _take(loaders, 2)
+    for i, world in enumerate(worlds[1:]):
+        state = loaders[0].state_dict()
+        assert state["position"] == len(used)  # the global sample position of the epoch
+        loaders = _loaders(data_dir, world, state)
+        assert 0 < loaders[0].epoch_progress() < 1
+        used += _take(loaders, 1 if i < len(worlds) - 2 else None)
+    assert sorted(used) == sorted(split_keys("train", TRAIN_ROWS))  # each row once, none dropped
+    assert all(ld.epoch_finished() and ld.epoch_progress() == 1.0 for ld in loaders)
+    assert min(len(b["keys"]) for b in _loaders(data_dir, worlds[-1], state)[0]) >= 2  # no batch of one
+    loaders[0].set_epoch(3)  # the next epoch is whole again, on the new world size
+    assert loaders[0].state_dict()["segments"] == [] and len(loaders[0]) == num_batches(TRAIN_ROWS, worlds[-1], 4, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output contract, backends, subsets
 # ---------------------------------------------------------------------------------------------

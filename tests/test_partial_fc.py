@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from ranray.config import MarginConfig
 from ranray.models.margin import CombinedMarginLoss, margin_preset
 from ranray.models.partial_fc import (
-    PartialFC, PartialFCSGD, make_optimizer, max_sample_rate, memory_estimate, memory_table_markdown,
-    sample_count, shard_range,
+    PartialFC, PartialFCAdamW, PartialFCSGD, make_optimizer, max_sample_rate, memory_estimate,
+    memory_table_markdown, overlapping_ranks, reshard_optimizer_state, reshard_rows, sample_count, shard_range,
 )
 
 WORLD = 2
@@ -343,3 +343,74 @@ def test_scaling_doc_table_is_the_generated_one():
     block = re.search(r"<!-- partial-fc-memory:begin -->\n(.*?)<!-- partial-fc-memory:end -->", doc, re.S)
     assert block, "docs/SCALING.md lost its generated Partial FC table"
     assert block.group(1).strip() == memory_table_markdown().strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resharding: any old world size onto any new one (the Ray run is in test_pretrain)
+# ---------------------------------------------------------------------------------------------
+
+
+def _saved_ranks(num_classes: int, world: int, name: str):
+    """What `world` ranks would save: their shard rows of one global table, and one optimizer step."""
+    table = torch.randn(num_classes, 4, generator=torch.Generator().manual_seed(7))
+    states = []
+    for rank in range(world):
+        lo, hi = shard_range(num_classes, world, rank)
+        shard = torch.nn.Parameter(table[lo:hi].clone())
+        opt = make_optimizer(torch.nn.ParameterList([shard]), lr=0.1, weight_decay=1e-3, name=name)
+        shard.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1, 4), shard.shape, check_invariants=True)
+        opt.step()
+        states.append(((lo, hi), shard.detach().clone(), opt.state_dict()))
+    full = torch.cat([w for _, w, _ in states])
+    return states, full
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("old, new", [(3, 2), (3, 4), (2, 3), (4, 1), (1, 3)])
+def test_reshard_gives_every_class_its_saved_rows_bit_for_bit(old, new, name):
+    num_classes = 11  # uneven on every world size here
+    states, full = _saved_ranks(num_classes, old, name)
+    per_class = {k for k, v in states[0][2]["state"][0].items() if v.dim() >= 1}
+    assert per_class == ({"momentum_buffer"} if name == "sgd" else {"exp_avg", "exp_avg_sq"})
+    for rank in range(new):
+        lo, hi = shard_range(num_classes, new, rank)
+        needed = overlapping_ranks(num_classes, old, lo, hi)
+        assert needed == [r for r in range(old) if states[r][0][0] < hi and states[r][0][1] > lo]
+        parts = [states[r] for r in needed]
+        rows = reshard_rows([(a, b, w) for (a, b), w, _ in parts], lo, hi)
+        assert torch.equal(rows, full[lo:hi])
+        opt = reshard_optimizer_state([o for _, _, o in parts], [r for r, _, _ in parts], lo, hi)
+        for key in per_class:
+            whole = torch.cat([o["state"][0][key] for _, _, o in states])
+            assert torch.equal(opt["state"][0][key], whole[lo:hi])
+        if name == "adamw":
+            assert opt["state"][0]["step"] == states[0][2]["state"][0]["step"]
+
+
+def test_load_resharded_takes_the_rows_and_refuses_another_class_count():
+    saved = []
+    for rank in range(3):  # the module state dicts 3 ranks of 10 classes would write
+        lo, hi = shard_range(10, 3, rank)
+        extra = {"num_classes": 10, "class_start": lo, "class_end": hi, "rank": rank, "world_size": 3,
+                 "sample_rate": 1.0, "seed": 0, "step": 5, "embedding_size": 4}
+        saved.append({"weight": torch.arange(lo * 4, hi * 4, dtype=torch.float32).view(-1, 4), "_extra_state": extra})
+    one = PartialFC(10, 4)  # no process group: one rank holding all 10 classes
+    one.load_resharded(list(reversed(saved)))
+    assert torch.equal(one.weight.detach(), torch.arange(40, dtype=torch.float32).view(10, 4)) and one.step == 5
+    with pytest.raises(ValueError, match=r"num_classes=\[10\], this run 12"):
+        PartialFC(12, 4).load_resharded(saved)
+
+
+def test_adamw_head_updates_every_row_like_torch_adamw_on_the_dense_gradient():
+    w0, rows = torch.randn(5, 3), torch.tensor([[1, 3]])
+    mine, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = make_optimizer(torch.nn.ParameterList([mine]), lr=0.01, weight_decay=0.1, name="adamw")
+    ref_opt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        mine.grad = torch.sparse_coo_tensor(rows, torch.ones(2, 3), (5, 3), check_invariants=True)
+        ref.grad = mine.grad.to_dense()
+        opt.step()
+        ref_opt.step()
+    assert isinstance(opt, PartialFCAdamW)
+    torch.testing.assert_close(mine.detach(), ref.detach())
+    assert not torch.equal(mine[0].detach(), w0[0])  # an unsampled row is decayed too, as insightface's

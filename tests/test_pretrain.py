@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from step_hooks import committed_steps
+from step_hooks import RESHARD_DIR, committed_steps
 
 from ranray.cli import main as cli_main
 from ranray.config import ConfigError, ModelConfig, PretrainConfig, load_config
@@ -29,6 +30,9 @@ from ranray.data.synth import SynthOptions, synthesize
 from ranray.models import build_ran, create_model
 from ranray.models.partial_fc import shard_range
 from ranray.tracking import metric_history
+from ranray.train.checkpoint import load_checkpoint
+from ranray.train.failures import RunFailed
+from ranray.train.launch import run_pretraining
 from ranray.train.pretrain import preflight
 from ranray.train.run_dir import RunDir
 
@@ -163,3 +167,78 @@ def test_backbone_hands_over_strictly_to_fine_tuning(run):
     assert not any(k.startswith("module.") for k in state)
     ran = build_ran(ModelConfig(backbone="iresnet_tiny", num_classes=8, init_backbone=str(path)))
     torch.testing.assert_close(ran.backbone.conv1.weight, state["conv1.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic: a checkpoint of 3 workers resumed on 2 and on 4 (Partial FC re-cut, docs/ELASTIC.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def _elastic_config(data_dir: Path, storage: Path, workers: int) -> PretrainConfig:
+    # 192 rows, batch 16: 4 steps per epoch on 3 workers; rank 0 fails after step 3, the
+    # checkpoint of step 2 (96 rows of epoch 0 used) is what the other world sizes resume from.
+    return _config(data_dir, storage, **{
+        "scaling.num_workers": workers, "scaling.cpus_per_worker": 0.5, "checkpoint.every_n_steps": 2,
+        "checkpoint.max_failures": 0, "epochs": 2, "log_every_n_steps": 1,
+        "run.hooks": ["step_hooks:PretrainStepsLog", "step_hooks:ShardDump", "step_hooks:fail_at_step_3"]})
+
+
+@pytest.fixture(scope="module")
+def elastic(faces, tmp_path_factory, ray_session) -> dict:
+    tmp = tmp_path_factory.mktemp("elastic")
+    data = tmp / "faces"
+    shutil.copytree(faces, data)
+    (data / "pairs.txt").unlink()  # no verification: the test is about the head's state
+    first = tmp / "a"
+    with pytest.raises(RunFailed):
+        run_pretraining(_elastic_config(data, first, 3))
+    saved = first / "pt" / "checkpoint_00000002_g00"
+    dirs = {}
+    for workers in (2, 4):
+        storage = tmp / f"on{workers}"
+        shutil.copytree(first, storage)  # the same checkpoint, resumed once per new world size
+        run_pretraining(_elastic_config(data, storage, workers))
+        dirs[workers] = storage / "pt"
+    return {"saved": saved, "dirs": dirs, "data": data}
+
+
+def _saved_table(saved: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole class-centre table and its momentum from the 3 ranks' files of one checkpoint."""
+    parts = sorted((load_checkpoint(saved / f"rank{r}.pt") for r in range(3)),
+                   key=lambda p: p["partial_fc"]["_extra_state"]["class_start"])
+    weight = torch.cat([p["partial_fc"]["weight"] for p in parts])
+    momentum = torch.cat([p["partial_fc_optimizer"]["state"][0]["momentum_buffer"] for p in parts])
+    return weight, momentum
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_three_worker_checkpoint_resumes_on_other_counts_with_every_centre_bit_equal(elastic, workers):
+    weight, momentum = _saved_table(elastic["saved"])
+    assert weight.shape == momentum.shape == (24, 64) and momentum.abs().sum() > 0
+    run_dir = elastic["dirs"][workers]
+    dumps = [torch.load(run_dir / RESHARD_DIR / f"g1_rank{r}.pt", weights_only=True) for r in range(workers)]
+    assert [tuple(d["range"]) for d in dumps] == [shard_range(24, workers, r) for r in range(workers)]
+    for d in dumps:
+        lo, hi = d["range"]
+        assert d["step"] == 2 and d["world_size"] == workers
+        assert torch.equal(d["weight"], weight[lo:hi])  # bit for bit, uneven shards included (24 / 4, 24 / 3, ...)
+        assert torch.equal(d["optimizer"]["momentum_buffer"], momentum[lo:hi])
+
+
+@pytest.mark.parametrize("workers, steps", [(2, 2 + 3 + 6), (4, 2 + 2 + 3)])
+def test_the_resumed_run_trains_the_rest_of_the_epoch_and_the_next(elastic, workers, steps):
+    """Epoch 0's other 96 rows on the new ranks (3 batches of 16 on 2; 2 of 12 on 4), then a whole epoch."""
+    run_dir = elastic["dirs"][workers]
+    for rank in range(workers):
+        log = run_dir / "steps" / f"rank{rank}.log"
+        events = _events(log)
+        assert [e[1:] for e in events if e[0] == "start"][-1] == ["1", "2"]
+        shard = [e for e in events if e[0] == "shard"][-1]
+        saved = {int(e[1]): e[2] for e in events if e[0] == "saved"}
+        assert max(saved) == steps and saved[steps] != shard[3]  # the re-cut centres trained on
+    record = json.loads((run_dir / "tracking.json").read_text())
+    losses = [v for _, v in metric_history(record["tracking_uri"], record["run_id"], "train_loss")]
+    assert len(losses) >= steps and all(math.isfinite(v) for v in losses)
+    workers_metric = [v for _, v in metric_history(record["tracking_uri"], record["run_id"], "workers")]
+    assert workers_metric[-1] == float(workers)  # each start records its group (and its LR factor)
+    assert RunDir(run_dir).backbone.is_file()

@@ -153,6 +153,7 @@ class BatchSource:
     seed: int
     epoch: int
     rank: int
+    segment: int = 0  # how many world-size changes this epoch has been re-planned after
     _reader: BlockReader | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -183,7 +184,9 @@ class BatchSource:
     def _params(self, i: int, n: int) -> AugmentParams | None:
         if self.augment is None:
             return None
-        return sample_augment(self.augment, n, np.random.default_rng([self.seed, self.epoch, self.rank, i]))
+        # A re-planned rest of the epoch (segment > 0) draws its own streams, not segment 0's again.
+        key = [self.seed, self.epoch, self.rank, i] + ([self.segment] if self.segment else [])
+        return sample_augment(self.augment, n, np.random.default_rng(key))
 
     def _replacement(self, i: int, params: AugmentParams | None, decode: bool) -> HostBatch:
         """The first row after batch i (wrapping) in this rank's plan that decodes, as a batch of one."""
@@ -364,12 +367,53 @@ class LoaderSpec:
             raise ValueError(f"build_loader: {'; '.join(failed)}")
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of an epoch run on one world size: `batches` steps of its plan were taken."""
+
+    world_size: int
+    batch_size: int
+    drop_last: bool
+    batches: int
+
+    def as_list(self) -> list[Any]:
+        return [self.world_size, self.batch_size, self.drop_last, self.batches]
+
+
+def plan_segment(order: np.ndarray, rank: int, world_size: int, batch_size: int, drop_last: bool,
+                 replanned: bool) -> RankPlan:
+    """This rank's plan of `order`. The rest of an epoch re-planned after a world-size change drops
+    nothing (each of its rows once) and spreads each rank's rows evenly over its batches, so no batch
+    shrinks to one row (BatchNorm's limit) while the batch count stays the same on every rank."""
+    if not replanned:
+        return plan_rank(order, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last)
+    plan = plan_rank(order, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=False)
+    bounds = np.round(np.linspace(0, len(plan.rows), len(plan) + 1)).astype(np.int64)
+    return RankPlan(rows=plan.rows, bounds=bounds, padded=plan.padded)
+
+
+def remaining_order(order: np.ndarray, segments: list[Segment]) -> np.ndarray:
+    """The rows of an epoch's `order` that its finished segments did not consume, in order.
+
+    Segment k planned what segment k-1 left, over its own world size; the rows it consumed are the
+    first `batches` batches of every one of its ranks.
+    """
+    for k, seg in enumerate(segments):
+        used = [plan_segment(order, r, seg.world_size, seg.batch_size, seg.drop_last, k > 0)
+                for r in range(seg.world_size)]
+        consumed = np.concatenate([p.rows[: p.bounds[seg.batches]] for p in used])
+        order = order[~np.isin(order, consumed)]
+    return order
+
+
 class FaceLoader:
     """Batches of one rank, one epoch at a time; see the module docstring and ARCHITECTURE.md.
 
     Position: iterating hands out the current epoch's batches from the first one not yet handed
     out (0 after `set_epoch` to another epoch); an epoch iterated to its end starts over when
-    iterated again. `state_dict()` records (epoch, batches handed out, seed), all a resume needs.
+    iterated again. `state_dict()` records (epoch, batches handed out, seed) and the epoch's
+    segments: a resume on another world size re-plans the rows the epoch has not used yet over the
+    new ranks (`remaining_order`), so each row of the epoch is still used once.
     """
 
     def __init__(self, spec: LoaderSpec, index: SplitIndex, seed: int):
@@ -378,21 +422,41 @@ class FaceLoader:
         self.seed = seed
         self.epoch = 0
         self.skipped = 0
-        self._consumed = 0  # batches handed out in the current epoch
+        self._consumed = 0  # batches handed out in the current segment of the epoch
+        self._segments: list[Segment] = []  # the epoch's earlier stretches on other world sizes
+        self._rows_left: tuple[tuple[Any, ...], int] | None = None  # (key, rows the segment plans): cached
 
     def __len__(self) -> int:
+        """Batches of the current segment (the whole epoch unless it was re-planned)."""
+        s = self.spec
+        return num_batches(self._segment_rows(), s.world_size, s.batch_size, s.drop_last and not self._segments)
+
+    def full_epoch_batches(self) -> int:
+        """Batches of a whole epoch on this world size: the LR schedule's unit."""
         s = self.spec
         return num_batches(self.index.num_rows, s.world_size, s.batch_size, s.drop_last)
+
+    def epoch_progress(self) -> float:
+        """The fraction of the epoch's rows used so far (over every rank and segment)."""
+        s, total = self.spec, max(1, self.index.num_rows)
+        done = total - self._segment_rows()
+        if self._consumed >= len(self):
+            return 1.0
+        return min(1.0, (done + self._consumed * s.world_size * s.batch_size) / total)
+
+    def epoch_finished(self) -> bool:
+        return self._consumed >= len(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at its first batch; the current epoch again keeps a restored position."""
         if epoch != self.epoch:
-            self.epoch, self._consumed = epoch, 0
+            self.epoch, self._consumed, self._segments = epoch, 0, []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        start = self._consumed if self._consumed < len(self) else 0
+        if self._consumed >= len(self):  # a finished epoch iterated again: the whole epoch, afresh
+            self._consumed, self._segments = 0, []
+        start = self._consumed
         source = self._source()
-        self._consumed = start
         epoch_skipped = 0
         for host, images in BACKENDS[self.spec.backend](self, source, start):
             epoch_skipped += self._report(host)
@@ -405,38 +469,56 @@ class FaceLoader:
     def state_dict(self) -> dict[str, Any]:
         s = self.spec
         return {"epoch": self.epoch, "batches": self._consumed, "seed": self.seed, "skipped": self.skipped,
-                "world_size": s.world_size, "batch_size": s.batch_size, "drop_last": s.drop_last}
+                "world_size": s.world_size, "batch_size": s.batch_size, "drop_last": s.drop_last,
+                "segments": [seg.as_list() for seg in self._segments],
+                "position": self.index.num_rows - self._segment_rows()
+                + min(self._segment_rows(), self._consumed * s.world_size * s.batch_size),
+                "epoch_rows": self.index.num_rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` was taken: the next iteration starts at its next batch.
 
         With the same world size, batch size and drop_last the remaining batches are exactly the
-        unseen ones. Otherwise the position is carried over as the fraction of the epoch consumed,
-        which is approximate (a warning says so).
+        unseen ones. Otherwise the stretch the state was taken in becomes a finished segment and
+        the rows the epoch has not used are re-planned over this world size: each once.
         """
         s = self.spec
         self.seed, self.epoch, self.skipped = int(state["seed"]), int(state["epoch"]), int(state.get("skipped", 0))
+        self._segments = [Segment(int(w), int(b), bool(d), int(n)) for w, b, d, n in state.get("segments", [])]
         batches = int(state["batches"])
-        saved = (state.get("world_size"), state.get("batch_size"), state.get("drop_last"))
-        if saved != (s.world_size, s.batch_size, s.drop_last):
-            per_step = int(state["world_size"]) * int(state["batch_size"])
-            batches = min(len(self), round(batches * per_step / (s.world_size * s.batch_size)))
-            log.warning("loader state saved with world_size, batch_size, drop_last = %s, now %s: resuming epoch %d "
-                        "at batch %d, approximately", saved, (s.world_size, s.batch_size, s.drop_last),
-                        self.epoch, batches)
+        saved = Segment(int(state["world_size"]), int(state["batch_size"]), bool(state["drop_last"]), batches)
+        if (saved.world_size, saved.batch_size, saved.drop_last) != (s.world_size, s.batch_size, s.drop_last):
+            if batches:
+                self._segments.append(saved)
+            batches = 0
+            log.info("rank %d: epoch %d re-planned over %d workers: %d of its %d rows left", s.rank, self.epoch,
+                     s.world_size, self._segment_rows(), self.index.num_rows)
         self._consumed = batches
+
+    def _segment_rows(self) -> int:
+        """Rows the current segment plans: the epoch's, less what the earlier segments used."""
+        if not self._segments:
+            return self.index.num_rows
+        key = (self.epoch, self.seed, tuple(self._segments))
+        if self._rows_left is None or self._rows_left[0] != key:
+            self._rows_left = (key, len(self._order()))
+        return self._rows_left[1]
+
+    def _order(self) -> np.ndarray:
+        s = self.spec
+        order = epoch_order(self.index, seed=self.seed, epoch=self.epoch, shuffle=s.training, window=SHUFFLE_WINDOW)
+        return remaining_order(order, self._segments)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _source(self) -> BatchSource:
         s = self.spec
-        order = epoch_order(self.index, seed=self.seed, epoch=self.epoch, shuffle=s.training, window=SHUFFLE_WINDOW)
-        plan = plan_rank(order, rank=s.rank, world_size=s.world_size, batch_size=s.batch_size, drop_last=s.drop_last)
+        plan = plan_segment(self._order(), s.rank, s.world_size, s.batch_size, s.drop_last, bool(self._segments))
         if plan.padded:
             log.warning("split '%s' has %d rows for %d ranks: rank %d repeats %d rows to keep batch counts equal",
                         s.split, self.index.num_rows, s.world_size, s.rank, plan.padded)
         return BatchSource(index=self.index, plan=plan, augment=s.augment, seed=self.seed, epoch=self.epoch,
-                           rank=s.rank)
+                           rank=s.rank, segment=len(self._segments))
 
     def _report(self, host: HostBatch) -> int:
         for line in host.skipped:

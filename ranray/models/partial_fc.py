@@ -20,6 +20,8 @@ sample_rate = 1 it equals the full (margin) softmax, gradients included.
 The centre gradient is sparse (only sampled rows), and PartialFCSGD updates only those rows, so
 a rank's optimizer state is a momentum buffer of its own shard: each rank saves its shard and
 its momentum in its own checkpoint (`state_dict()` carries the shard range, checked on load).
+A checkpoint of W ranks resumes on any W' ranks: each new rank cuts its class range out of the
+saved shards that overlap it (`load_resharded`, `reshard_optimizer_state`; docs/ELASTIC.md).
 """
 
 from __future__ import annotations
@@ -274,6 +276,20 @@ class PartialFC(nn.Module):
                 f"{mine[0]}: resume with the same num_classes and world size")
         self.step = int(state["step"])
 
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Take this rank's classes from the module state_dicts of another group's ranks (those
+        holding some of them, any order): centres bit for bit, and the sampling step count."""
+        extras = [st["_extra_state"] for st in states]
+        for key in ("num_classes", "embedding_size"):
+            saved = {x[key] for x in extras}
+            if saved != {getattr(self, key)}:
+                raise ValueError(f"PartialFC checkpoint has {key}={sorted(saved)}, this run {getattr(self, key)}: "
+                                 f"a checkpoint resumes only with the same {key}")
+        parts = [(x["class_start"], x["class_end"], st["weight"]) for x, st in zip(extras, states)]
+        with torch.no_grad():
+            self.weight.copy_(reshard_rows(parts, self.class_start, self.class_end))
+        self.step = int(extras[0]["step"])  # every rank counts the same steps
+
     def extra_repr(self) -> str:
         return (f"classes [{self.class_start}, {self.class_end}) of {self.num_classes}, "
                 f"embedding {self.embedding_size}, sample_rate {self.sample_rate} ({self.num_sample}/step)")
@@ -335,9 +351,88 @@ class PartialFCSGD(torch.optim.Optimizer):
         return buf
 
 
-def make_optimizer(module: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> PartialFCSGD:
-    """The optimizer for a rank's shard (keep it apart from the backbone's: its state is per rank)."""
-    return PartialFCSGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+class PartialFCAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW on a rank's shard: the sparse centre gradient is made dense first.
+
+    This is what insightface does (arcface_torch: AdamW over backbone and Partial FC, whose
+    centres get a dense gradient with zero rows for the classes not sampled): every row's moments
+    decay and every row is decayed each step, sampled or not. Its state (exp_avg, exp_avg_sq: one
+    row per class; step: one count) saves with `state_dict()` like PartialFCSGD's momentum.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()
+        return super().step(closure)
+
+
+# optim.name -> the head's optimizer, from (module, lr, momentum, weight_decay)
+HEAD_OPTIMIZERS: dict[str, Any] = {
+    "sgd": lambda module, lr, momentum, weight_decay: PartialFCSGD(
+        module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
+    "adamw": lambda module, lr, momentum, weight_decay: PartialFCAdamW(
+        module.parameters(), lr=lr, weight_decay=weight_decay),
+}
+
+
+def make_optimizer(module: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                   name: str = "sgd") -> torch.optim.Optimizer:
+    """The optimizer for a rank's shard (keep it apart from the backbone's: its state is per rank);
+    `name` is optim.name, so the head gets the backbone's kind of optimizer."""
+    if name not in HEAD_OPTIMIZERS:
+        raise ValueError(f"no Partial FC optimizer {name!r}; known: {sorted(HEAD_OPTIMIZERS)}")
+    return HEAD_OPTIMIZERS[name](module, lr, momentum, weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resharding: a checkpoint of W ranks onto W' ranks (any W, W'; uneven shards included)
+# ---------------------------------------------------------------------------------------------
+
+
+def overlapping_ranks(num_classes: int, world_size: int, start: int, end: int) -> list[int]:
+    """The ranks of a `world_size` group whose shards hold some of the classes [start, end)."""
+    ranks = []
+    for rank in range(world_size):
+        lo, hi = shard_range(num_classes, world_size, rank)
+        if lo < end and hi > start:
+            ranks.append(rank)
+    return ranks
+
+
+def reshard_rows(parts: list[tuple[int, int, torch.Tensor]], start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of a class-indexed tensor saved as pieces (first class, end class, rows)."""
+    pieces = [rows[max(start, lo) - lo: min(end, hi) - lo] for lo, hi, rows in sorted(parts, key=lambda p: p[0])
+              if lo < end and hi > start]
+    out = torch.cat(pieces) if pieces else torch.empty(0)
+    if out.shape[0] != end - start:
+        covered = [(lo, hi) for lo, hi, _ in parts]
+        raise ValueError(f"the saved shards {covered} do not cover classes [{start}, {end})")
+    return out
+
+
+def reshard_optimizer_state(states: list[dict[str, Any]], ranges: list[tuple[int, int]], start: int,
+                            end: int) -> dict[str, Any]:
+    """An optimizer state_dict for classes [start, end) from those of the ranks holding `ranges`.
+
+    Per-class tensors (first dimension = the shard's rows: momentum, exp_avg, exp_avg_sq) are cut
+    to the new range; everything else (AdamW's step count, the param groups) is the same on every
+    rank, since the ranks step together, and is taken from the first.
+    """
+    first = states[0]
+    new_state: dict[Any, dict[str, Any]] = {}
+    for pid, buffers in first["state"].items():
+        new_state[pid] = {}
+        for name, value in buffers.items():
+            per_class = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == ranges[0][1] - ranges[0][0]
+            new_state[pid][name] = (reshard_rows([(lo, hi, st["state"][pid][name]) for (lo, hi), st in zip(ranges, states)],
+                                                 start, end) if per_class else value)
+    return {"state": new_state, "param_groups": first["param_groups"]}
 
 
 # ---------------------------------------------------------------------------------------------

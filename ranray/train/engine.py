@@ -6,7 +6,8 @@
     -> the resume state (resume.load_resume_state: the newest checkpoint that verifies)
     -> precision and memory format for this device -> task.build: loaders, the bare model
     -> the model in DDP (prepare_model), compiled when asked; optimizer, LR schedule, scaler;
-       a resume restores those, the loader position, the loop state, RNG streams and running sums
+       a resume restores those, the loader position, the loop state, RNG streams and running sums,
+       on any worker count (ranray.train.elastic: the LR rule and the schedule's position)
     -> per epoch: steps (task.loss, then apply_gradients), a checkpointed report every
        checkpoint.every_n_steps, then task.validate, the best model kept, one checkpointed report
     -> rank 0: task.finish (the exported model), its artifacts and tags to MLflow
@@ -52,6 +53,7 @@ from ranray.tracking import Tracker
 from ranray.train.checkpoint import STATE_FILE, capture_rng_state, restore_rng_state, save_checkpoint
 from ranray.train.collectives import all_reduce_sum
 from ranray.train.commits import wait_until_committed
+from ranray.train.elastic import BATCH_RULE, align_schedules, check_resumable, lr_scale, schedule_step, start_record
 from ranray.train.failures import worker_log
 from ranray.train.optim import OPTIMIZERS, PRECISIONS, Precision, lr_scheduler
 from ranray.train.resume import RANK_FILE, load_resume_state
@@ -296,8 +298,12 @@ def start(task: Task, cfg: JobConfig, config: dict[str, Any], rank: int, world_s
     e.scaler = torch.amp.GradScaler(device.type, enabled=e.precision.scaled)
     if resume:
         apply_resume_state(e, resume)
+    align_schedules(e.steppers, lr_scale(world_size, cfg), schedule_step(e.train_loader))
     if e.is_chief:
         open_tracking(e, config)
+        saved_world = resume["state"].get("world_size") if resume else None
+        e.tracker.log_metrics(start_record(world_size, cfg, saved_world), step=e.state.step)
+        e.tracker.set_tags({"elastic.workers": str(cfg.scaling.num_workers), "elastic.batch_rule": BATCH_RULE})
     return e
 
 
@@ -322,6 +328,7 @@ def run_epoch(e: Engine) -> None:
     if not st.mid_epoch:
         e.train_loader.set_epoch(st.epoch)
         e.sums = RankSums()
+        align_schedules(e.steppers, lr_scale(e.world_size, cfg), schedule_step(e.train_loader))
     st.mid_epoch = True
     e.model.train()
     every = cfg.checkpoint.every_n_steps
@@ -333,7 +340,7 @@ def run_epoch(e: Engine) -> None:
         e.window.add(loss, len(batch["keys"]), time.perf_counter() - tick)
         for hook in e.hooks:
             hook.on_step(e, batch)
-        st.mid_epoch = epoch_fraction(e) < 1.0
+        st.mid_epoch = not e.train_loader.epoch_finished()
         if st.step % cfg.log_every_n_steps == 0:
             read_loss(e)
             log_steps(e)
@@ -342,31 +349,40 @@ def run_epoch(e: Engine) -> None:
         if every > 0 and st.step % every == 0 and st.mid_epoch:
             read_loss(e)
             # "epoch" counts completed epochs in every report (Tune's ASHA may use it as its clock).
-            report(e, {"step": st.step, "epoch": round(st.epoch + epoch_fraction(e), 4), "epoch_end": 0,
+            report(e, {"step": st.step, "epoch": round(st.epoch + e.train_loader.epoch_progress(), 4), "epoch_end": 0,
                        "train_loss": e.sums.loss_sum / e.sums.loss_steps, "lr": e.lr()})
         tick = time.perf_counter()
     st.mid_epoch = False
 
 
-def epoch_fraction(e: Engine) -> float:
-    return e.train_loader.state_dict()["batches"] / len(e.train_loader)
-
-
 def apply_gradients(e: Engine, loss: torch.Tensor) -> None:
     """Backward, clip the model's gradients (after unscaling them), step every optimizer and
-    schedule. The loss is not read here: that would wait for the device."""
+    schedule. The loss is not read here: that would wait for the device (except under fp16, whose
+    overflow check reads one flag, as GradScaler.step itself would)."""
     for optimizer, _ in e.steppers:
         optimizer.zero_grad(set_to_none=True)
     e.scaler.scale(loss).backward()
+    for optimizer, _ in e.steppers:
+        e.scaler.unscale_(optimizer)  # the true gradients, to clip and to check (a no-op without fp16)
     if e.cfg.optim.grad_clip > 0:
-        e.scaler.unscale_(e.optimizer)  # clip the true gradients, not the fp16-scaled ones
         # The model only: a task's own parameters (Partial FC's sparse centres) are bounded otherwise.
         nn.utils.clip_grad_norm_(e.net.parameters(), e.cfg.optim.grad_clip)
-    for optimizer, _ in e.steppers:
-        e.scaler.step(optimizer)
-    e.scaler.update()
+    if gradients_finite(e):
+        for optimizer, _ in e.steppers:
+            e.scaler.step(optimizer)
+    e.scaler.update()  # halves the scale when any optimizer's unscale_ found an inf or nan
     for _, scheduler in e.steppers:
         scheduler.step()
+
+
+def gradients_finite(e: Engine) -> bool:
+    """One overflow decision for every optimizer: a step skipped for the head (fp16 overflow in its
+    gradients) skips the backbone too, as one GradScaler over one optimizer would (insightface)."""
+    if not e.scaler.is_enabled():
+        return True
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for optimizer, _ in e.steppers
+             for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 def read_loss(e: Engine) -> None:
@@ -480,7 +496,8 @@ def rank_state(e: Engine) -> dict[str, Any]:
 
 def apply_resume_state(e: Engine, resume: dict[str, Any]) -> None:
     state, own = resume["state"], resume["rank_state"]
-    e.task.load_state(e, state, own, resume["path"])  # may refuse (e.g. another world size)
+    check_resumable(state.get("config", {}), e.cfg, resume["path"])  # before anything is loaded
+    e.task.load_state(e, state, own, resume["path"])  # may refuse (e.g. another class count)
     e.optimizer.load_state_dict(state["optimizer"])
     e.scheduler.load_state_dict(state["scheduler"])
     e.scaler.load_state_dict(state["scaler"])
@@ -495,8 +512,9 @@ def apply_resume_state(e: Engine, resume: dict[str, Any]) -> None:
         log.warning("rank %d: reseeding its RNG streams", e.rank)
         seed_everything(e.cfg.run.seed + e.rank + 7919 * e.state.step)
     if e.is_chief:
-        log.info("resumed from %s at step %d (epoch %d%s)", resume["path"], e.state.step, e.state.epoch,
-                 ", mid-epoch" if e.state.mid_epoch else "")
+        log.info("resumed from %s at step %d (epoch %d%s) on %d workers (checkpoint of %s)", resume["path"],
+                 e.state.step, e.state.epoch, ", mid-epoch" if e.state.mid_epoch else "", e.world_size,
+                 state.get("world_size"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,14 +6,18 @@ engine (ranray.train.engine) runs for `ranray pretrain`:
 
     loaders       the train split; the val split when there is a pairs file
     model         the backbone (create_model) under DDP; PartialFC outside DDP, holding this rank's
-                  shard of class centres, with its own PartialFCSGD (sparse rows, per-rank momentum)
+                  shard of class centres, with its own optimizer (optim.name: PartialFCSGD on the sampled
+                  rows, or AdamW as insightface), state per rank
     loss          margin softmax over the sampled centres (matmul under autocast, the rest float32)
     validation    verification on the pairs: each rank embeds its part, every rank scores them all;
                   the best epoch's backbone goes to model/backbone_best.pt
     finish        model/backbone.pt, a plain insightface-keyed state_dict
 
-A checkpoint's rank<r>.pt carries the rank's class-centre shard, its momentum and scheduler. A
-resume needs the same world size: the shards are not re-cut (PartialFC refuses another rank's shard).
+A checkpoint's rank<r>.pt carries the rank's class-centre shard, its optimizer state (SGD's
+momentum, or AdamW's moments: the head gets optim.name like the backbone) and scheduler. A resume
+on the same world size loads its own file; on another one each new rank re-cuts its class range
+from the old ranks' files that overlap it (partial_fc.load_resharded; docs/ELASTIC.md). A
+checkpoint of another class count is refused, naming both, before any step.
 
 Gradient scale: the loss is the mean over the global batch and every rank backpropagates it, so
 each rank's embedding gradient is exact; DDP then averages the backbone's gradients over the W
@@ -33,11 +37,13 @@ import torch
 from torch import nn
 
 from ranray.config import ConfigError, PretrainConfig, from_dict
-from ranray.models.partial_fc import PartialFC, make_optimizer
-from ranray.train.checkpoint import CheckpointError, export_model
+from ranray.models.partial_fc import (PartialFC, make_optimizer, overlapping_ranks, reshard_optimizer_state,
+                                     shard_range)
+from ranray.train.checkpoint import export_model
 from ranray.train.collectives import all_gather
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.train.optim import lr_scheduler
+from ranray.train.resume import read_rank_state
 from ranray.train.verification import Pair, VerificationResult, evaluate_verification, read_pairs
 
 log = logging.getLogger("ranray.pretrain")
@@ -165,7 +171,7 @@ class Pretrain:
     tags: dict[str, str] = field(default_factory=dict)
     pairs: list[Pair] = field(default_factory=list)
     head: PartialFC | None = None  # this rank's class centres, outside DDP
-    head_optimizer: Any = None  # PartialFCSGD
+    head_optimizer: Any = None  # PartialFCSGD or PartialFCAdamW
     head_scheduler: Any = None
 
     def build(self, e: Engine, resumed: bool) -> Built:
@@ -177,7 +183,8 @@ class Pretrain:
         backbone = create_model(cfg.backbone, num_features=cfg.partial_fc.embedding_size)
         self.head = PartialFC.from_config(plan.num_classes, cfg.partial_fc, cfg.margin, seed=cfg.run.seed,
                                           embedding_grad_scale=float(e.world_size)).to(e.device)
-        self.head_optimizer = make_optimizer(self.head, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
+        self.head_optimizer = make_optimizer(self.head, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay,
+                                             name=cfg.optim.name)
         self.head_scheduler = lr_scheduler(self.head_optimizer, steps_per_epoch=len(train_loader),
                                            epochs=cfg.epochs, o=cfg.optim)
         return Built(train_loader, val_loader, backbone, [(self.head_optimizer, self.head_scheduler)])
@@ -206,14 +213,26 @@ class Pretrain:
                 "partial_fc_scheduler": self.head_scheduler.state_dict()}
 
     def load_state(self, e: Engine, state: dict[str, Any], own: dict[str, Any] | None, path: str) -> None:
-        if state.get("world_size") != e.world_size or own is None:
-            raise CheckpointError(
-                f"rank {e.rank}: {path} was written by {state.get('world_size')} workers and holds "
-                f"{'no' if own is None else 'its'} class-centre shard for this rank; Partial FC resumes only with "
-                f"the same scaling.num_workers ({state.get('world_size')})")
-        self.head.load_state_dict(own["partial_fc"])  # refuses a shard of other classes
-        self.head_optimizer.load_state_dict(own["partial_fc_optimizer"])
-        self.head_scheduler.load_state_dict(own["partial_fc_scheduler"])
+        saved_classes = state.get("num_classes")
+        if saved_classes != self.plan.num_classes:
+            raise ConfigError(f"config key 'num_classes': checkpoint {path} was trained on {saved_classes} classes, "
+                              f"this run has {self.plan.num_classes}; start a new run (run.name) for another "
+                              "identity set")
+        if state.get("world_size") == e.world_size and own is not None:
+            self.head.load_state_dict(own["partial_fc"])  # refuses a shard of other classes
+            self.head_optimizer.load_state_dict(own["partial_fc_optimizer"])
+            self.head_scheduler.load_state_dict(own["partial_fc_scheduler"])
+            return
+        old_world = int(state["world_size"])
+        needed = overlapping_ranks(self.plan.num_classes, old_world, self.head.class_start, self.head.class_end)
+        parts = [read_rank_state(path, r) for r in needed]
+        self.head.load_resharded([p["partial_fc"] for p in parts])
+        ranges = [shard_range(self.plan.num_classes, old_world, r) for r in needed]
+        self.head_optimizer.load_state_dict(reshard_optimizer_state(
+            [p["partial_fc_optimizer"] for p in parts], ranges, self.head.class_start, self.head.class_end))
+        self.head_scheduler.load_state_dict(parts[0]["partial_fc_scheduler"])  # the same on every rank
+        log.info("rank %d: classes [%d, %d) re-cut from ranks %s of the %d-worker checkpoint %s", e.rank,
+                 self.head.class_start, self.head.class_end, needed, old_world, path)
 
     def finish(self, e: Engine) -> tuple[list[tuple[Path, str]], dict[str, Any]]:
         path = export_backbone(e, e.run_dir.backbone)

@@ -2,7 +2,8 @@
 
 A checkpoint is a Ray checkpoint directory: rank 0's `state.pt` (model, optimizers, loader
 position, loop state) and a `rank<r>.pt` per rank (its RNG streams, running sums, and whatever
-else the task keeps per rank).
+else the task keeps per rank). A resume on another world size reads the files of the old ranks
+it needs (read_rank_state): all of a checkpoint's rank files sit in its one directory.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def load_resume_state(rank: int) -> dict[str, Any] | None:
             log.warning("rank %d: no usable rank state in %s (%s)", rank, chosen, exc)
             own = None
     return {"state": state, "rank_state": own, "path": chosen}
+
+
+def read_rank_state(path: str, rank: int) -> dict[str, Any]:
+    """Another rank's `rank<r>.pt` of checkpoint `path` (verified): what a resume on another world
+    size needs, e.g. the Partial FC shards that overlap a new rank's classes."""
+    fs = ray.train.get_context().get_storage().storage_filesystem
+    with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as d:
+        return load_checkpoint(Path(d) / RANK_FILE.format(rank=rank))
 
 
 def pick_good_checkpoint(latest: ray.train.Checkpoint) -> str:
