@@ -113,3 +113,29 @@ def test_the_lr_schedule_goes_on_from_the_epoch_position(resumed_runs, workers):
     assert lrs[3] == pytest.approx(0.05 * lr_factor(position + 1, steps_per_epoch=per_epoch, epochs=2, o=o))
     workers_logged = dict(metric_history(result.tracking_uri, result.mlflow_run_id, "workers"))
     assert workers_logged[2] == workers
+
+
+def test_a_run_dir_whose_checkpoint_cannot_be_resumed_is_refused_before_ray(tmp_path):
+    """The newest committed checkpoint's manifest names what it was trained with; the driver compares."""
+    import json
+
+    from ranray.train.checkpoint import STATE_FILE, save_checkpoint
+    from ranray.train.commits import SNAPSHOT
+    from ranray.train.elastic import resume_summary
+    from ranray.train.pretrain import PretrainPlan
+
+    cfg = load_config(PretrainConfig, None, [f"run.storage_path={tmp_path}", "run.name=pt", "backbone=iresnet_tiny",
+                                              "partial_fc.embedding_size=64"])
+    run_dir = tmp_path / "pt"
+    save_checkpoint({"step": 4, "summary": resume_summary(cfg, 3, {"num_classes": 24})},
+                    run_dir / "checkpoint_00000004_g00" / STATE_FILE)
+    (run_dir / SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_00000004_g00", "metrics": {"step": 4}}]}))
+    build_trainer(cfg, plan=PretrainPlan(24, ""))  # the same classes: any worker count resumes
+    with pytest.raises(ConfigError, match=r"config key 'num_classes' is 30 but checkpoint .*checkpoint_00000004_g00 "
+                                          r"was trained with 24"):
+        build_trainer(cfg, plan=PretrainPlan(30, ""))
+    other = load_config(PretrainConfig, None, [f"run.storage_path={tmp_path}", "run.name=pt", "optim.name=adamw",
+                                                "backbone=iresnet_tiny", "partial_fc.embedding_size=64"])
+    with pytest.raises(ConfigError, match="config key 'optim.name' is 'adamw' but .* was trained with 'sgd'"):
+        build_trainer(other, plan=PretrainPlan(24, ""))

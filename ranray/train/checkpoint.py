@@ -2,7 +2,7 @@
 
 On disk a checkpoint is two files:
     <name>            torch.save of a state dict (tensors and plain Python containers only)
-    <name>.meta.json  {"sha256", "size", "step", "epoch", "file", "torch", "created"}
+    <name>.meta.json  {"sha256", "size", "step", "epoch", "file", "torch", "created"[, "summary"]}
 
 The state file is written to a temp file in the same directory, fsynced and renamed; the
 manifest is written the same way *after* it, so a manifest is the commit marker: a state file
@@ -77,6 +77,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
         "step": _int_or_none(state.get("step")), "epoch": _int_or_none(state.get("epoch")),
         "torch": torch.__version__, "created": time.time(),
     }
+    if isinstance(state.get("summary"), dict):
+        manifest["summary"] = state["summary"]  # small scalars a driver checks without loading the state
     _atomic_write_text(manifest_path(path), json.dumps(manifest, indent=1))
     _fsync_dir(path.parent)
     return path

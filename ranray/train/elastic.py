@@ -19,6 +19,7 @@ Ray Train restarts the worker group from the newest checkpoint with however many
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten
@@ -59,13 +60,40 @@ def align_schedules(steppers: Iterable[tuple[Any, Any]], scale: float, step: int
         scheduler._last_lr = rates  # what get_last_lr() reads (LambdaLR keeps it there)
 
 
-def check_resumable(saved: dict[str, Any], cfg: TrainConfig | PretrainConfig, path: str) -> None:
-    """Refuse, naming the key and both values, a checkpoint whose state this config cannot take."""
-    before, now = flatten(saved), flatten(cfg)
-    for key in FIXED_KEYS[type(cfg)]:
-        if key in before and before[key] != now[key]:
-            raise ConfigError(f"config key '{key}' is {now[key]!r} but checkpoint {path} was trained with "
-                              f"{before[key]!r}; resume with {key}={before[key]} or start a new run (run.name)")
+def resume_summary(cfg: TrainConfig | PretrainConfig, world_size: int, task_state: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's manifest records so a resume can be checked without loading the state:
+    the world size, the FIXED_KEYS values and the task's scalar chief-state keys (num_classes)."""
+    values = flatten(cfg)
+    scalars = {k: v for k, v in task_state.items() if isinstance(v, (bool, int, float, str))}
+    return {"world_size": world_size, **{k: values[k] for k in FIXED_KEYS[type(cfg)]}, **scalars}
+
+
+def refuse_changes(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """Refuse, naming the key and both values, a resume whose fixed values differ from the saved ones."""
+    for key, value in now.items():
+        if key != "world_size" and key in saved and saved[key] != value:
+            raise ConfigError(f"config key '{key}' is {value!r} but checkpoint {where} was trained with "
+                              f"{saved[key]!r}; resume with {key}={saved[key]} or start a new run (run.name)")
+
+
+def check_resumable(state: dict[str, Any], now: dict[str, Any], path: str) -> None:
+    """The worker's check of a loaded checkpoint (older ones without a summary: their config)."""
+    saved = state.get("summary") or {k: v for k, v in flatten(state.get("config", {})).items()}
+    refuse_changes(saved, now, path)
+
+
+def check_run_dir(run_dir: Path, now: dict[str, Any]) -> None:
+    """The driver's check, before Ray starts workers: the newest committed checkpoint's manifest."""
+    from ranray.train.checkpoint import STATE_FILE, CheckpointError, read_manifest
+    from ranray.train.commits import committed
+
+    for record in reversed(committed(run_dir)):
+        try:
+            manifest = read_manifest(run_dir / record["checkpoint_dir_name"] / STATE_FILE)
+        except CheckpointError:
+            continue  # the workers fall back to an older checkpoint, and check what they load
+        refuse_changes(manifest.get("summary") or {}, now, str(run_dir / record["checkpoint_dir_name"]))
+        return
 
 
 def start_record(world_size: int, cfg: TrainConfig | PretrainConfig, saved_world: int | None) -> dict[str, float]:

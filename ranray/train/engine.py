@@ -53,7 +53,8 @@ from ranray.tracking import Tracker
 from ranray.train.checkpoint import STATE_FILE, capture_rng_state, restore_rng_state, save_checkpoint
 from ranray.train.collectives import all_reduce_sum
 from ranray.train.commits import wait_until_committed
-from ranray.train.elastic import BATCH_RULE, align_schedules, check_resumable, lr_scale, schedule_step, start_record
+from ranray.train.elastic import (BATCH_RULE, align_schedules, check_resumable, lr_scale, resume_summary,
+                                  schedule_step, start_record)
 from ranray.train.failures import worker_log
 from ranray.train.optim import OPTIMIZERS, PRECISIONS, Precision, lr_scheduler
 from ranray.train.resume import RANK_FILE, load_resume_state
@@ -474,6 +475,7 @@ def report(e: Engine, metrics: dict[str, Any]) -> None:
 
 
 def chief_state(e: Engine) -> dict[str, Any]:
+    task_state = e.task.chief_state(e)
     return {
         "model": e.net.state_dict(),
         "optimizer": e.optimizer.state_dict(),
@@ -485,7 +487,8 @@ def chief_state(e: Engine) -> dict[str, Any]:
         "epoch": e.state.epoch,
         "world_size": e.world_size,
         "config": to_dict(e.cfg),
-        **e.task.chief_state(e),
+        "summary": resume_summary(e.cfg, e.world_size, task_state),  # also in the manifest: checked on resume
+        **task_state,
     }
 
 
@@ -496,7 +499,8 @@ def rank_state(e: Engine) -> dict[str, Any]:
 
 def apply_resume_state(e: Engine, resume: dict[str, Any]) -> None:
     state, own = resume["state"], resume["rank_state"]
-    check_resumable(state.get("config", {}), e.cfg, resume["path"])  # before anything is loaded
+    # Before anything is loaded: another model, optimizer or class count is refused by key.
+    check_resumable(state, resume_summary(e.cfg, e.world_size, e.task.chief_state(e)), resume["path"])
     e.task.load_state(e, state, own, resume["path"])  # may refuse (e.g. another class count)
     e.optimizer.load_state_dict(state["optimizer"])
     e.scheduler.load_state_dict(state["scheduler"])

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config, to_dict
+from ranray.train.elastic import check_run_dir, resume_summary
 from ranray.train.run_dir import RunDir
 
 log = logging.getLogger("ranray.train")
@@ -184,6 +185,9 @@ def build_trainer(cfg: TrainConfig | PretrainConfig, *, run_name: str | None = N
     module, _, function = job.worker.partition(":")
     name = run_name or resolve_run_name(cfg)
     storage = storage_path or resolve_storage_path(cfg)
+    if not is_uri(storage):  # a remote run directory is checked by its workers, before their first step
+        fixed = resume_summary(cfg, cfg.scaling.max_workers, {"num_classes": plan.num_classes} if plan else {})
+        check_run_dir(run_dir_for(storage, name), fixed)
     s = cfg.scaling
     if s.elastic and cfg.checkpoint.max_failures == 0:
         log.warning("scaling.num_workers=%s is elastic but checkpoint.max_failures=0: the run starts with what it "
