@@ -15,6 +15,7 @@ ShardDump writes each rank's restored Partial FC shard at each start (elastic re
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import torch
@@ -75,17 +76,17 @@ class ShardDump(Hook):
 
 
 class KeysLog(Hook):
-    """`keys/rank<r>.log`: "start <generation> <resume step>" at each start, then per step
-    "step <n> <epoch> <key,key,...>": which samples each applied step used."""
+    """`keys/rank<r>.log`: "start <generation> <resume step> <world size> <unix time>" at each start,
+    then per step "step <n> <epoch> <key,key,...> <unix time>": which samples each step used, and when."""
 
     def on_start(self, e: Engine) -> None:
         path = e.run_dir / "keys" / f"rank{e.rank}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", buffering=1)
-        self.file.write(f"start {e.state.generation} {e.state.step}\n")
+        self.file.write(f"start {e.state.generation} {e.state.step} {e.world_size} {time.time():.3f}\n")
 
     def on_step(self, e: Engine, batch: dict) -> None:
-        self.file.write(f"step {e.state.step} {e.state.epoch} {','.join(batch['keys'])}\n")
+        self.file.write(f"step {e.state.step} {e.state.epoch} {','.join(batch['keys'])} {time.time():.3f}\n")
 
     def on_exit(self, e: Engine) -> None:
         if hasattr(self, "file"):

@@ -437,11 +437,14 @@ class FaceLoader:
         return num_batches(self.index.num_rows, s.world_size, s.batch_size, s.drop_last)
 
     def epoch_progress(self) -> float:
-        """The fraction of the epoch's rows used so far (over every rank and segment)."""
-        s, total = self.spec, max(1, self.index.num_rows)
-        done = total - self._segment_rows()
+        """The fraction of the epoch done: batches handed out / batches, or after a world-size change
+        the fraction of the epoch's rows used (over every rank and segment)."""
         if self._consumed >= len(self):
             return 1.0
+        if not self._segments:
+            return self._consumed / len(self)
+        s, total = self.spec, max(1, self.index.num_rows)
+        done = total - self._segment_rows()
         return min(1.0, (done + self._consumed * s.world_size * s.batch_size) / total)
 
     def epoch_finished(self) -> bool:
