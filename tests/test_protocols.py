@@ -11,7 +11,8 @@ from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 from ranray.config import ConfigError, ModelConfig, load_config, TrainConfig
 from ranray.data.schema import DatasetError, shard_paths
 from ranray.models import RegionAttentionNetwork, build_ran
-from ranray.tracking import find_runs, metric_history
+from ranray.cli import main
+from ranray.tracking import find_runs, list_artifacts, metric_history
 from ranray.train.launch import run_training
 from ranray.train.protocols import protocol_splits
 
@@ -42,8 +43,18 @@ def test_joined_splits_read_both(data_dir):
         shard_paths(data_dir, "train+nope")
 
 
-def test_clean_protocol_selects_on_val_and_tests_the_best_model_once(ray_session, data_dir, storage):
-    result = run_training(tiny_config(data_dir, storage, "clean", "log_every_n_steps=50"))
+@pytest.fixture(scope="module")
+def clean_run(ray_session, data_dir, storage):
+    return run_training(tiny_config(data_dir, storage, "clean", "log_every_n_steps=50"))
+
+
+@pytest.fixture(scope="module")
+def ran_run(ray_session, data_dir, storage):
+    return run_training(tiny_config(data_dir, storage, "ran", "protocol=ran", "log_every_n_steps=50"))
+
+
+def test_clean_protocol_selects_on_val_and_tests_the_best_model_once(clean_run):
+    result = clean_run
     (run,) = [r for r in find_runs(result.tracking_uri, "ranray-test") if r["run_id"] == result.mlflow_run_id]
     assert run["params"]["protocol"] == "clean" and run["tags"]["model_variant"] == "ran"
     assert run["tags"]["rb_margin"] == "0.1" and run["tags"]["rb_space"] == "softmax"
@@ -55,8 +66,8 @@ def test_clean_protocol_selects_on_val_and_tests_the_best_model_once(ray_session
     assert run["metrics"]["val_samples"] == SPLITS["val"]
 
 
-def test_ran_protocol_trains_on_train_and_val_and_reports_the_last_epoch(ray_session, data_dir, storage):
-    result = run_training(tiny_config(data_dir, storage, "ran", "protocol=ran", "log_every_n_steps=50"))
+def test_ran_protocol_trains_on_train_and_val_and_reports_the_last_epoch(ran_run):
+    result = ran_run
     steps_per_epoch = (SPLITS["train"] + SPLITS["val"]) // (2 * 8)
     assert result.metrics["step"] == 2 * steps_per_epoch  # val rows are training rows here
     (run,) = [r for r in find_runs(result.tracking_uri, "ranray-test") if r["run_id"] == result.mlflow_run_id]
@@ -67,6 +78,31 @@ def test_ran_protocol_trains_on_train_and_val_and_reports_the_last_epoch(ray_ses
     # The reported model is the last epoch's, whatever test accuracy an earlier epoch had.
     assert run["metrics"]["best_epoch"] == 2
     assert run["metrics"]["best_test_accuracy"] == history[-1][1]
+
+
+def test_compare_puts_runs_side_by_side_in_markdown_and_mlflow(clean_run, ran_run, tmp_path, capsys):
+    assert main(["compare", str(clean_run.run_dir), str(ran_run.run_dir), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines()
+            if line.startswith("| clean") or line.startswith("| ran")}
+    head = [c.strip("| ") for c in out.splitlines()[0].split(" | ")]
+    for result, protocol in ((clean_run, "clean"), (ran_run, "ran")):
+        (run,) = [r for r in find_runs(result.tracking_uri, "ranray-test") if r["run_id"] == result.mlflow_run_id]
+        cells = dict(zip(head, (c.strip("| ") for c in rows[result.run_name])))
+        assert (cells["protocol"], cells["model"], cells["split"]) == (protocol, "ran", "test")
+        assert cells["accuracy"] == f"{100 * run['metrics']['test_accuracy']:.2f}"
+        assert cells["happiness"] == f"{100 * run['metrics']['test_acc_happiness']:.2f}"
+        assert cells["occlusion"] == f"{100 * run['metrics']['test_acc_occlusion']:.2f}"
+    assert "different protocols (clean, ran); their figures are not comparable" in out
+    (logged,) = find_runs(clean_run.tracking_uri, "ranray-test", "attributes.run_name = 'compare'")
+    assert logged["tags"]["compared_runs"] == f"{clean_run.mlflow_run_id},{ran_run.mlflow_run_id}"
+    assert "compare.md" in list_artifacts(clean_run.tracking_uri, logged["run_id"])
+    assert (tmp_path / "cmp" / "compare.md").read_text() in out
+
+
+def test_compare_refuses_a_directory_that_is_no_run(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), "--no-mlflow"]) == 2
+    assert "is not a training run directory" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
