@@ -87,6 +87,9 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int = 8
     input_size: int = 112  # the backbone's input side; every region is resampled to it
+    # The paper's ablations as models (ranray.models.ran.VARIANTS): ran, whole_face (one region, the
+    # baseline), no_rb_loss, no_relation (self-attention only)
+    variant: Literal["ran", "whole_face", "no_rb_loss", "no_relation"] = "ran"
     init_backbone: str = ""  # a pretraining checkpoint or an insightface backbone.pth, loaded strictly
 
 
@@ -95,7 +98,10 @@ class LossConfig:
     """What fine-tuning minimises: expression loss (label mode) + region-biased loss (ranray.models.losses)."""
 
     label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
-    rb_margin: float = 0.1  # RAN paper: 0.1 on FERPlus, 0.02-0.03 on AffectNet
+    # null: the official code's margin for the prepared dataset (ranray.models.losses.RB_MARGINS:
+    # 0.1 FERPlus, 0.02 AffectNet and RAF-DB)
+    rb_margin: float | None = None
+    rb_space: Literal["softmax", "sigmoid"] = "softmax"  # softmax: the official code; sigmoid: the paper's text
 
 
 @dataclass
@@ -191,6 +197,9 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # clean: train on data.train_split, select the best epoch on data.val_split, test it once on
+    # data.test_split; ran: the RAN paper's, train on train + val, report the last epoch on test
+    protocol: Literal["clean", "ran"] = "clean"
     epochs: int = 60
     batch_size: int = 32  # per worker
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
@@ -208,7 +217,7 @@ class TrainConfig:
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         check_model(self.model)
-        _check(self.loss.rb_margin >= 0.0, "loss.rb_margin", "must be >= 0")
+        _check(self.loss.rb_margin is None or self.loss.rb_margin >= 0.0, "loss.rb_margin", "must be >= 0 (or null)")
         _check(self.optim.lr > 0.0, "optim.lr", "must be > 0")
         _check(all(0.0 < m < 1.0 for m in self.optim.milestones), "optim.milestones",
                "must be fractions of the epochs in (0, 1)")
@@ -348,7 +357,7 @@ class TuneConfig:
 def check_model(m: ModelConfig) -> None:
     """The ranges of every model key; which K a region mode supports is the model's to say
     (ranray.models.ran.check_regions)."""
-    _check(m.num_regions >= 2, "model.num_regions", "must be >= 2 (whole face + regions)")
+    _check(m.num_regions >= 2 or m.variant == "whole_face", "model.num_regions", "must be >= 2 (whole face + regions)")
     _check(0.0 < m.crop_frac <= 1.0, "model.crop_frac", "must be in (0, 1]")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
@@ -481,8 +490,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
         return {_coerce(key_tp, k, key): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
-        return value
+        return _coerce_union(typing.get_args(tp), value, key)
     return _coerce_scalar(tp, value, key)
+
+
+def _coerce_union(choices: tuple[Any, ...], value: Any, key: str) -> Any:
+    if value is None and type(None) in choices:
+        return None
+    errors = []
+    for tp in (c for c in choices if c is not type(None)):
+        try:
+            return _coerce(tp, value, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': none of {errors}")
 
 
 def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:

@@ -168,6 +168,10 @@ def plan_search(config_path: str | Path | None, overrides: Sequence[str] = ()) -
         base = _absolute_paths(load_config(TrainConfig, cfg.base_config, cfg.base_overrides))
     except ConfigError as err:
         raise ConfigError(f"base_config {cfg.base_config}: {err}") from None
+    if base.protocol != "clean":
+        # A search picks trials by their validation score: under `ran` that score is the test split's.
+        raise ConfigError(f"base_config {cfg.base_config}: config key 'protocol' is {base.protocol!r}; a search "
+                          "selects on the val split, which only protocol 'clean' keeps apart from test")
     check_space(cfg.space, base)
     name = cfg.name or (Path(config_path).stem if config_path else "tune")
     storage = _absolute(cfg.storage_path)

@@ -21,7 +21,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 RAY_PIN = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray[")).split("==")[1]
 IMAGE = f"ghcr.io/ranray/ranray:{VERSION}-cu130"
-JOBS = ("demo", "ferplus_prepare", "pretrain_r50", "ferplus_ran_r50", "tune_asha")
+JOBS = ("demo", "ferplus_prepare", "pretrain_r50", "ferplus_ran_r50", "ferplus_ran_paper", "tune_asha")
 SHARED = "/mnt/shared"
 
 

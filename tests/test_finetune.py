@@ -173,6 +173,16 @@ def test_lr_warmup_then_step_schedule_at_epoch_fractions():
     assert f[50] == pytest.approx(0.01) and f[80] == pytest.approx(0.001) and f[99] == pytest.approx(0.001)
 
 
+def test_step_schedule_drops_at_int_of_the_epoch_fraction_as_the_reference():
+    o = OptimConfig(warmup_epochs=0.0, schedule="step", milestones=[0.3, 0.5, 0.8], gamma=0.1)
+    drops = lambda epochs: [e for e in range(1, epochs)  # noqa: E731
+                            if lr_factor(e, steps_per_epoch=1, epochs=epochs, o=o)
+                            < lr_factor(e - 1, steps_per_epoch=1, epochs=epochs, o=o)]
+    assert drops(7) == [2, 3, 5]  # int(2.1), int(3.5), int(5.6); ceil would give 3, 4, 6
+    assert drops(10) == [3, 5, 8]  # 0.3 * 10 is 3.0000000000000004: ceil would drop at 4
+    assert drops(60) == [18, 30, 48]
+
+
 def test_cosine_schedule_decays_to_zero():
     o = OptimConfig(schedule="cosine", warmup_epochs=0.0)
     f = [lr_factor(s, steps_per_epoch=5, epochs=4, o=o) for s in range(20)]

@@ -8,28 +8,29 @@ import pytest
 import torch
 
 from ranray.models import LABEL_MODES, expression_loss, region_biased_loss
+from ranray.models.losses import rb_margin_for
 
 P = [0.2, 0.5, 0.3]
 LOGITS = torch.log(torch.tensor([P]))  # softmax(LOGITS) == P exactly enough for 1e-6
 
 
-def test_rb_loss_zero_when_margin_met_and_linear_otherwise():
-    assert region_biased_loss(torch.tensor([[0.5, 0.7, 0.2]]), margin=0.1).item() == 0.0  # gap 0.2 >= 0.1
-    assert region_biased_loss(torch.tensor([[0.5, 0.6, 0.2]]), margin=0.1).item() == pytest.approx(0.0, abs=1e-7)
-    assert region_biased_loss(torch.tensor([[0.5, 0.55, 0.1]]), margin=0.1).item() == pytest.approx(0.05)
+def test_rb_loss_in_sigmoid_space_zero_when_margin_met_and_linear_otherwise():
+    assert region_biased_loss(torch.tensor([[0.5, 0.7, 0.2]]), margin=0.1, space="sigmoid").item() == 0.0  # gap 0.2 >= 0.1
+    assert region_biased_loss(torch.tensor([[0.5, 0.6, 0.2]]), margin=0.1, space="sigmoid").item() == pytest.approx(0.0, abs=1e-7)
+    assert region_biased_loss(torch.tensor([[0.5, 0.55, 0.1]]), margin=0.1, space="sigmoid").item() == pytest.approx(0.05)
     # Linear in the gap below the margin: lowering the best region by d raises the loss by d.
     for d in (0.0, 0.01, 0.1, 0.3):
         mu = torch.tensor([[0.5, 0.55 - d, 0.1]])
-        assert region_biased_loss(mu, margin=0.1).item() == pytest.approx(0.05 + d, abs=1e-6)
+        assert region_biased_loss(mu, margin=0.1, space="sigmoid").item() == pytest.approx(0.05 + d, abs=1e-6)
     # Batch mean; row 3's best region is below the whole face: 0.1 - (0.4 - 0.6) = 0.3.
     mu = torch.tensor([[0.5, 0.7, 0.2], [0.5, 0.55, 0.1], [0.6, 0.3, 0.4]])
-    assert region_biased_loss(mu).item() == pytest.approx((0.0 + 0.05 + 0.3) / 3, abs=1e-6)
-    assert region_biased_loss(mu, margin=0.03).item() == pytest.approx((0.0 + 0.0 + 0.23) / 3, abs=1e-6)
+    assert region_biased_loss(mu, space="sigmoid").item() == pytest.approx((0.0 + 0.05 + 0.3) / 3, abs=1e-6)
+    assert region_biased_loss(mu, margin=0.03, space="sigmoid").item() == pytest.approx((0.0 + 0.0 + 0.23) / 3, abs=1e-6)
 
 
-def test_rb_loss_gradient_pushes_best_region_up_and_whole_face_down():
+def test_rb_loss_in_sigmoid_space_gradient_pushes_best_region_up_and_whole_face_down():
     mu = torch.tensor([[0.5, 0.55, 0.1], [0.5, 0.9, 0.1]], requires_grad=True)
-    region_biased_loss(mu, margin=0.1).backward()
+    region_biased_loss(mu, margin=0.1, space="sigmoid").backward()
     # Only the active row (row 0) has gradient: +1/B on mu_0, -1/B on its best region.
     torch.testing.assert_close(mu.grad, torch.tensor([[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]]))
 
@@ -38,6 +39,26 @@ def test_rb_loss_is_float32_and_checks_shape():
     assert region_biased_loss(torch.tensor([[0.5, 0.55]], dtype=torch.bfloat16)).dtype == torch.float32
     with pytest.raises(ValueError, match=r"K >= 2"):
         region_biased_loss(torch.tensor([[0.5], [0.4]]))
+
+
+def test_rb_loss_default_is_the_official_softmax_space():
+    mu = torch.tensor([[0.5, 0.7, 0.2], [0.9, 0.1, 0.2]])
+    e = [[math.exp(v) for v in row] for row in mu.tolist()]
+    w = [[v / sum(row) for v in row] for row in e]  # softmax over the K regions, whole face first
+    expected = sum(max(0.0, 0.1 - (max(row[1:]) - row[0])) for row in w) / 2
+    assert region_biased_loss(mu, margin=0.1).item() == pytest.approx(expected, abs=1e-6)
+    assert region_biased_loss(mu, margin=0.1, space="softmax").item() == pytest.approx(expected, abs=1e-6)
+    # Row 0 meets the margin between sigmoid weights (0.2 >= 0.1) but not between softmax weights (0.075).
+    assert region_biased_loss(mu[:1], margin=0.1, space="sigmoid").item() == 0.0
+    assert region_biased_loss(mu[:1], margin=0.1).item() == pytest.approx(0.1 - (w[0][1] - w[0][0]), abs=1e-6)
+    with pytest.raises(ValueError, match=r"unknown RB-loss space 'logit'; known: softmax, sigmoid"):
+        region_biased_loss(mu, space="logit")
+
+
+def test_rb_margin_defaults_come_from_the_dataset():
+    assert [rb_margin_for(s, None) for s in ("ferplus", "affectnet", "rafdb", "imagefolder", None)] == \
+        [0.1, 0.02, 0.02, 0.1, 0.1]
+    assert rb_margin_for("affectnet", 0.05) == 0.05  # an explicit loss.rb_margin wins
 
 
 def test_majority_is_hard_label_cross_entropy():

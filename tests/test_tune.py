@@ -122,6 +122,7 @@ def write_tune(tmp_path: Path, base: Path, **overrides) -> Path:
     ("space.weight_decay=[-0.1]", "config key 'space.weight_decay' has -0.1, below the minimum 0.0"),
     ("max_epochs=0", "config key 'max_epochs' must be >= grace_period"),
     ("base_overrides=[model.backbone=resnet_nope]", "base_config .*model"),
+    ("base_overrides=[protocol=ran]", "base_config .*'protocol' is 'ran'; a search selects on the val split"),
 ])
 def test_bad_search_config_is_refused_naming_the_key(tmp_path, dataset, override, message):
     path = write_tune(tmp_path, write_base(tmp_path, dataset))

@@ -76,9 +76,13 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 
 def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
-    paths = sorted((Path(data_dir) / split).glob("part-*.parquet"))
-    if not paths:
-        raise DatasetError(f"{data_dir}: split '{split}' has no shards")
+    """The shards of `split`; "train+val" joins splits (the RAN protocol trains on both)."""
+    paths = []
+    for part in split.split("+"):
+        found = sorted((Path(data_dir) / part).glob("part-*.parquet"))
+        if not found:
+            raise DatasetError(f"{data_dir}: split '{part}' has no shards")
+        paths += found
     return paths
 
 

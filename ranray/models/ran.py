@@ -150,8 +150,31 @@ def crop_regions(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of the paper's ablation table, as a model."""
+
+    regions: bool  # False: the whole face only (K = 1), the baseline every RAN figure is set against
+    relation_attention: bool  # False: P = F_m, the self-attention pooling alone
+    rb_loss: bool
+
+
+VARIANTS: dict[str, Variant] = {
+    "ran": Variant(regions=True, relation_attention=True, rb_loss=True),
+    "whole_face": Variant(regions=False, relation_attention=True, rb_loss=False),
+    "no_rb_loss": Variant(regions=True, relation_attention=True, rb_loss=False),
+    "no_relation": Variant(regions=True, relation_attention=False, rb_loss=True),
+}
+
+
 def check_regions(cfg: ModelConfig) -> None:
     """The model keys' ranges, and the K the region mode supports; a ConfigError names the key."""
+    if cfg.variant not in VARIANTS:
+        raise ConfigError(f"config key 'model.variant': unknown variant '{cfg.variant}'; "
+                          f"known: {', '.join(VARIANTS)}")
+    if not VARIANTS[cfg.variant].regions:
+        check_model(cfg)
+        return
     mode = REGION_MODES.get(cfg.region_mode)
     if mode is None:
         raise ConfigError(f"config key 'model.region_mode': unknown region_mode '{cfg.region_mode}'; "
@@ -178,10 +201,12 @@ class RegionAttentionNetwork(nn.Module):
         d = getattr(self.backbone, "embedding_size", None)
         if not isinstance(d, int):
             raise ValueError(f"backbone {type(self.backbone).__name__} has no integer .embedding_size")
+        self.variant = VARIANTS[cfg.variant]
         self.alpha = nn.Linear(d, 1)  # self-attention head
-        self.beta = nn.Linear(2 * d, 1)  # relation-attention head
+        relation = self.variant.relation_attention
+        self.beta = nn.Linear(2 * d, 1) if relation else None  # relation-attention head
         self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(2 * d, cfg.num_classes)
+        self.classifier = nn.Linear(2 * d if relation else d, cfg.num_classes)
         self.region_mode = REGION_MODES[cfg.region_mode]
         # Non-persistent: derived from the config, so checkpoints stay plain weights; buffers so
         # that they follow .to(device) and no step copies boxes from the host.
@@ -189,10 +214,16 @@ class RegionAttentionNetwork(nn.Module):
         self.register_buffer("landmark_weights", landmark_weights(), persistent=False)
         self.register_buffer("whole_face_box", torch.tensor([[0.0, 0.0, 1.0, 1.0]]), persistent=False)
 
+    @property
+    def num_regions(self) -> int:
+        return self.cfg.num_regions if self.variant.regions else 1
+
     def region_boxes(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, 4) normalised boxes, the whole face first."""
-        parts = self.region_mode.boxes(self, images, landmarks)
         whole = self.whole_face_box.expand(images.shape[0], 1, 4)
+        if not self.variant.regions:
+            return whole
+        parts = self.region_mode.boxes(self, images, landmarks)
         return torch.cat([whole, parts.float()], dim=1)
 
     def regions(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,11 +233,15 @@ class RegionAttentionNetwork(nn.Module):
             return crop_regions(images.float(), self.region_boxes(images, landmarks), self.cfg.input_size)
 
     def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Region features (B, K, d) -> mu (B, K), nu (B, K), P_RAN (B, 2d), all float32."""
+        """Region features (B, K, d) -> mu (B, K), nu (B, K), P_RAN (B, 2d), all float32.
+
+        Without relation-attention nu is all ones and P_RAN is F_m (B, d)."""
         with torch.autocast(features.device.type, enabled=False):
             f = features.float()
             mu = torch.sigmoid(self.alpha(f)).squeeze(-1)
             f_m = (mu[..., None] * f).sum(1) / mu.sum(1, keepdim=True)
+            if self.beta is None:
+                return mu, torch.ones_like(mu), f_m
             fc = torch.cat([f, f_m[:, None, :].expand_as(f)], dim=-1)  # [F_i ; F_m]
             nu = torch.sigmoid(self.beta(fc)).squeeze(-1)
             w = mu * nu

@@ -86,6 +86,7 @@ class Validation:
     metrics: dict[str, float]
     score: float  # higher is better: picks the best model
     detail: Any = None  # what the task's save_best needs (e.g. the confusion matrix)
+    selects_best: bool = True  # False: no epoch is chosen on this split, the last one is the model
 
 
 class Task(Protocol):
@@ -423,7 +424,7 @@ def end_epoch(e: Engine) -> None:
     train_loss, throughput = epoch_train_stats(e)
     metrics = {"step": st.step, "epoch": st.epoch + 1 if completed else st.epoch, "epoch_end": int(completed),
                "train_loss": train_loss, "lr": e.lr(), "images_per_s": throughput}
-    improved = validation is not None and validation.score > st.best_score
+    improved = validation is not None and (validation.score > st.best_score or not validation.selects_best)
     if improved:
         st.best_score, st.best_epoch = validation.score, st.epoch
     if validation is not None:

@@ -137,15 +137,15 @@ class EvalReport:
 
 @torch.no_grad()
 def evaluate_loader(net: RegionAttentionNetwork, loader: Any, autocast: Callable[[], Any],
-                    use_landmarks: bool, num_classes: int, prefix: str = "val") -> EvalResult:
+                    use_landmarks: bool, num_classes: int, prefix: str = "val", reduce: bool = True) -> EvalResult:
     """Accuracy (majority labels), per class, per subset flag and the confusion matrix of `loader`.
 
     Runs the bare module (no DDP collectives per batch); EvalAccumulator all-reduces the counts
     once at the end when a process group is up, so every rank gets the whole split's numbers.
     """
     names = CLASS_NAMES[:num_classes]
-    acc = EvalAccumulator(num_classes, names, prefix=prefix)
-    clean = EvalAccumulator(num_classes, names, prefix=prefix)  # rows with no subset flag
+    acc = EvalAccumulator(num_classes, names, prefix=prefix, reduce=reduce)
+    clean = EvalAccumulator(num_classes, names, prefix=prefix, reduce=reduce)  # rows with no subset flag
     was_training = net.training
     net.eval()
     loader.set_epoch(0)

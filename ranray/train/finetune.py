@@ -1,11 +1,14 @@
 """RAN fine-tuning on facial expressions: what the training engine runs for `ranray train`.
 
-    loaders       the train split (optionally one subset of it) and the val split, this rank's part
-    model         the RAN (a resume has its weights already: model.init_backbone is not read again)
+    loaders       the protocol's training split(s) (optionally one subset) and the split it watches
+                  (ranray.train.protocols: val under `clean`, test under `ran`), this rank's part
+    model         the RAN or one of its ablations (model.variant; a resume has its weights already:
+                  model.init_backbone is not read again)
     loss          the expression loss plus the region-biased loss on the attention weights
-    validation    accuracy (per class, per subset, confusion) on the val split, all ranks reduced;
-                  the best epoch's model goes to model/best.pt with its confusion matrix
-    finish        model/final.pt and a picture of the learned attention, both to MLflow
+    validation    accuracy (per class, per subset, confusion) on the watched split, all ranks reduced;
+                  under `clean` the best epoch's model goes to model/best.pt with its confusion matrix
+    finish        model/final.pt, the `clean` protocol's one test of model/best.pt, a picture of the
+                  learned attention, all to MLflow
 
 Everything else (resume, DDP, precision, the optimiser step, checkpoints, reports, tracking) is
 the engine's (ranray.train.engine).
@@ -22,11 +25,15 @@ import torch
 
 from ranray.config import CLASS_NAMES, TrainConfig, from_dict
 from ranray.data.loader import FaceLoader, build_loader
+from ranray.data.schema import read_manifest
 from ranray.models import build_ran, expression_loss, region_biased_loss
-from ranray.train.checkpoint import export_model
+from ranray.models.losses import rb_margin_for
+from ranray.models.ran import VARIANTS
+from ranray.train.checkpoint import export_model, load_checkpoint
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.train.evaluate import evaluate_loader
 from ranray.train.plots import plot_attention_faces, plot_confusion_matrix
+from ranray.train.protocols import Splits, protocol_splits
 
 log = logging.getLogger("ranray.train")
 
@@ -42,11 +49,25 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 class FineTune:
     cfg: TrainConfig
     job: str = "train"
-    score_name: str = "val_accuracy"
+
+    def __post_init__(self) -> None:
+        self.splits: Splits = protocol_splits(self.cfg.protocol, self.cfg.data)
+        self.rb_loss = VARIANTS[self.cfg.model.variant].rb_loss
+        self.rb_margin = rb_margin_for(read_manifest(self.cfg.data.dir).get("source"), self.cfg.loss.rb_margin)
+
+    @property
+    def score_name(self) -> str:
+        return f"{self.splits.monitor_prefix}_accuracy"
+
+    @property
+    def selects_best(self) -> bool:
+        return self.splits.selects_best
 
     @property
     def tags(self) -> dict[str, str]:
-        return {"train_subset": self.cfg.data.train_subset}
+        return {"train_subset": self.cfg.data.train_subset, "protocol": self.cfg.protocol,
+                "model_variant": self.cfg.model.variant, "rb_margin": f"{self.rb_margin:g}",
+                "rb_space": self.cfg.loss.rb_space}
 
     @property
     def use_landmarks(self) -> bool:
@@ -62,18 +83,20 @@ class FineTune:
     def loss(self, e: Engine, batch: dict[str, Any]) -> torch.Tensor:
         with e.autocast():
             out = e.model(batch["images"], batch["landmarks"] if self.use_landmarks else None)
-        return (expression_loss(out.logits, batch["labels"], batch["targets"], self.cfg.loss.label_mode)
-                + region_biased_loss(out.mu, self.cfg.loss.rb_margin))
+        loss = expression_loss(out.logits, batch["labels"], batch["targets"], self.cfg.loss.label_mode)
+        if self.rb_loss:
+            loss = loss + region_biased_loss(out.mu, self.rb_margin, self.cfg.loss.rb_space)
+        return loss
 
     def validate(self, e: Engine) -> Validation:
         result = evaluate_loader(e.net, e.val_loader, e.autocast, self.use_landmarks,
-                                 num_classes=self.cfg.model.num_classes)
-        return Validation(result.metrics, result.metrics["val_accuracy"], result)
+                                 num_classes=self.cfg.model.num_classes, prefix=self.splits.monitor_prefix)
+        return Validation(result.metrics, result.metrics[self.score_name], result, self.splits.selects_best)
 
     def save_best(self, e: Engine, v: Validation) -> None:
         export_model(e.net.state_dict(), self.cfg, e.run_dir.best_model)
         plot_confusion_matrix(v.detail.confusion, v.detail.class_names, e.run_dir.confusion,
-                              title=f"{e.run_name}: validation, epoch {e.state.best_epoch + 1}, "
+                              title=f"{e.run_name}: {self.splits.monitor}, epoch {e.state.best_epoch + 1}, "
                                     f"accuracy {e.state.best_score:.3f}")
 
     def chief_state(self, e: Engine) -> dict[str, Any]:
@@ -91,7 +114,13 @@ class FineTune:
         best = e.run_dir.best_model
         artifacts = [(e.run_dir.confusion, "plots"), (faces, "plots"), (best, "model"),
                      (best.with_suffix(".yaml"), "model"), (config_path, "model")]
-        return artifacts, {"final_model": str(model_path), "best_val_accuracy": f"{e.state.best_score:.4f}"}
+        # The task's tags again: a run the driver opened was started without them.
+        tags = {**self.tags, "final_model": str(model_path), f"best_{self.score_name}": f"{e.state.best_score:.4f}"}
+        if self.splits.test_once and best.is_file():
+            test = test_best_model(self, e)
+            e.tracker.log_metrics(test, step=e.state.step)
+            tags["test_accuracy"] = f"{test['test_accuracy']:.4f}"
+        return artifacts, tags
 
 
 def build_loaders(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
@@ -99,14 +128,32 @@ def build_loaders(cfg: TrainConfig, rank: int, world_size: int, device: torch.de
     common = dict(rank=rank, world_size=world_size, seed=cfg.run.seed, backend=cfg.data.loader, device=device,
                   num_threads=cfg.data.num_threads, channels_last=channels_last,
                   subset=cfg.data.train_subset)
-    train_loader = build_loader(cfg.data.dir, cfg.data.train_split, batch_size=cfg.batch_size, training=True,
+    splits = protocol_splits(cfg.protocol, cfg.data)
+    train_loader = build_loader(cfg.data.dir, splits.train, batch_size=cfg.batch_size, training=True,
                                 augment=cfg.data.augment, **common)
-    val_loader = build_loader(cfg.data.dir, cfg.data.val_split, batch_size=cfg.batch_size, training=False,
+    val_loader = build_loader(cfg.data.dir, splits.monitor, batch_size=cfg.batch_size, training=False,
                               **common)
     if len(train_loader) == 0:
-        raise ValueError(f"{cfg.data.dir} split '{cfg.data.train_split}' (subset {cfg.data.train_subset}) has "
+        raise ValueError(f"{cfg.data.dir} split '{splits.train}' (subset {cfg.data.train_subset}) has "
                          f"fewer rows than {world_size} workers x batch_size {cfg.batch_size}")
     return train_loader, val_loader
+
+
+@torch.no_grad()
+def test_best_model(task: FineTune, e: Engine) -> dict[str, float]:
+    """The `clean` protocol's one look at the test split, with the model chosen on val (rank 0)."""
+    cfg = task.cfg
+    net = build_ran(dataclasses.replace(cfg.model, init_backbone="")).to(e.device)
+    net.load_state_dict(load_checkpoint(e.run_dir.best_model))
+    loader = build_loader(cfg.data.dir, task.splits.test_once, batch_size=cfg.batch_size, training=False, rank=0,
+                          world_size=1, seed=cfg.run.seed, backend=cfg.data.loader, device=e.device,
+                          num_threads=cfg.data.num_threads, channels_last=e.channels_last,
+                          subset=cfg.data.train_subset)
+    metrics = evaluate_loader(net, loader, e.autocast, task.use_landmarks, num_classes=cfg.model.num_classes,
+                              prefix="test", reduce=False).metrics
+    log.info("test (%s, best epoch %d): accuracy %.4f on %d faces", task.splits.test_once, e.state.best_epoch + 1,
+             metrics["test_accuracy"], metrics["test_samples"])
+    return metrics
 
 
 @torch.no_grad()

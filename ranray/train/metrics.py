@@ -86,13 +86,15 @@ class EvalResult:
 class EvalAccumulator:
     """Sums per-batch results; `compute()` all-reduces across ranks when torch.distributed is up.
 
-    Every rank must call `compute()` (it is a collective). Metric names, with `prefix="val"`:
+    Every rank must call `compute()` (it is a collective, unless reduce=False). Metric names, with `prefix="val"`:
         val_accuracy, val_loss (if losses were given), val_samples,
         val_acc_<class> for each class with rows, val_acc_<subset> for each flag that occurs.
     """
 
-    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, prefix: str = "val"):
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, prefix: str = "val",
+                 reduce: bool = True):
         self.num_classes = num_classes
+        self.reduce = reduce  # False: this rank's rows only (one rank evaluating alone must not wait on the rest)
         self.class_names = tuple(class_names) if class_names is not None else tuple(CLASS_NAMES[:num_classes])
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
@@ -141,7 +143,7 @@ class EvalAccumulator:
         return EvalResult(metrics, cm, self.class_names)
 
     def _reduced(self) -> tuple[np.ndarray, np.ndarray, float, int]:
-        if not distributed():
+        if not (self.reduce and distributed()):
             return self._cm, self._subset, self._loss_sum, self._loss_rows
         # One packed int64 tensor, one collective. The loss sum travels as float64 separately.
         counts = np.concatenate([self._cm.ravel(), self._subset.ravel(), [self._loss_rows]])

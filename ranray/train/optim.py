@@ -33,16 +33,18 @@ OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter], OptimConfig], torch.opti
 }
 
 
-def _step_factor(progress: float, epoch_progress: float, o: OptimConfig) -> float:
-    # The RAN reference drops the LR at epoch boundaries: whole epochs decide, not steps.
-    return o.gamma ** sum(epoch_progress >= m for m in o.milestones)
+def _step_factor(step: int, steps_per_epoch: int, epochs: int, o: OptimConfig) -> float:
+    # The RAN reference drops the LR when epoch int(m * E) starts: whole epochs decide, not steps,
+    # and int() (not a comparison with m * E, i.e. ceil) so E = 10 and E = 7 drop where it does.
+    epoch = step // steps_per_epoch
+    return o.gamma ** sum(epoch >= int(m * epochs) for m in o.milestones)
 
 
-def _cosine_factor(progress: float, epoch_progress: float, o: OptimConfig) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def _cosine_factor(step: int, steps_per_epoch: int, epochs: int, o: OptimConfig) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / (steps_per_epoch * epochs))))
 
 
-SCHEDULES: dict[str, Callable[[float, float, OptimConfig], float]] = {
+SCHEDULES: dict[str, Callable[[int, int, int, OptimConfig], float]] = {
     "step": _step_factor,
     "cosine": _cosine_factor,
 }
@@ -50,12 +52,10 @@ SCHEDULES: dict[str, Callable[[float, float, OptimConfig], float]] = {
 
 def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, o: OptimConfig) -> float:
     """LR multiplier before optimizer step `step + 1`: linear warm-up, then the schedule."""
-    total = steps_per_epoch * epochs
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
-    epoch_progress = (step // steps_per_epoch) / epochs
-    return SCHEDULES[o.schedule](step / total, epoch_progress, o)
+    return SCHEDULES[o.schedule](step, steps_per_epoch, epochs, o)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int,
