@@ -38,7 +38,7 @@ def test_yaml_range_and_pretraining_take_it_too(tmp_path):
     ("0", "must be >= 1, got 0"),
     ("two", "must be a worker count or a range MIN-MAX, got 'two'"),
     ("[1, 2, 3]", r"as a range must be \[min, max\] of two ints"),
-    ("1.5", "must be an int or \\[min, max\\], got float 1.5"),
+    ("1.5", "must be a worker count or a range MIN-MAX, got .1.5."),
 ])
 def test_a_bad_range_is_refused_by_key(bad, why):
     with pytest.raises(ConfigError, match=f"config key 'scaling.num_workers' {why}"):
