@@ -383,8 +383,9 @@ class Segment:
 def plan_segment(order: np.ndarray, rank: int, world_size: int, batch_size: int, drop_last: bool,
                  replanned: bool) -> RankPlan:
     """This rank's plan of `order`. The rest of an epoch re-planned after a world-size change drops
-    nothing (each of its rows once) and spreads each rank's rows evenly over its batches, so no batch
-    shrinks to one row (BatchNorm's limit) while the batch count stays the same on every rank."""
+    nothing (each of its rows once) and spreads each rank's rows evenly over its batches (sizes
+    differ by at most one, so no lone row beside full batches: BatchNorm needs two), while the batch
+    count stays the same on every rank."""
     if not replanned:
         return plan_rank(order, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last)
     plan = plan_rank(order, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=False)
