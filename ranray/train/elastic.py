@@ -28,7 +28,7 @@ BATCH_RULE = "per-worker batch kept; lr x workers / scaling.max_workers; schedul
 
 # Keys whose value decides the shapes or kinds of the saved state: a resume with another is refused.
 FIXED_KEYS: dict[type, tuple[str, ...]] = {
-    TrainConfig: ("model.backbone", "model.num_classes", "model.num_regions", "model.region_mode", "optim.name"),
+    TrainConfig: ("model.backbone", "model.num_classes", "model.variant", "optim.name"),
     PretrainConfig: ("backbone", "partial_fc.embedding_size", "optim.name"),
 }
 
