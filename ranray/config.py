@@ -86,6 +86,9 @@ class ModelConfig:
     crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
     dropout: float = 0.0
     num_classes: int = 8
+    # The dataset's classes in label order (RAF-DB's 7, AffectNet's 7 or 8); empty: taken from the
+    # prepared dataset's manifest before training, CLASS_NAMES[:num_classes] where there is none
+    class_names: list[str] = field(default_factory=list)
     input_size: int = 112  # the backbone's input side; every region is resampled to it
     # The paper's ablations as models (ranray.models.ran.VARIANTS): ran, whole_face (one region, the
     # baseline), no_rb_loss, no_relation (self-attention only)
@@ -330,12 +333,21 @@ class TuneConfig:
     time_attr: Literal["epoch", "training_iteration"] = "epoch"
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
-    workers_per_trial: int = 1
+    workers_per_trial: int | list[int] | str = 1  # a count, or a range MIN-MAX for elastic trials
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 0  # 0: derived from the cluster's resources
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.workers_per_trial = parse_worker_range(self.workers_per_trial, "workers_per_trial")
+
+    @property
+    def max_workers_per_trial(self) -> int:
+        """What a trial may hold at its largest (an elastic trial's max)."""
+        w = self.workers_per_trial
+        return w if isinstance(w, int) else w[1]
 
     def validate(self) -> None:
         s = self.space
@@ -354,6 +366,11 @@ class TuneConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+def class_names_of(m: ModelConfig) -> tuple[str, ...]:
+    """The model's class names, index = logit."""
+    return tuple(m.class_names) if m.class_names else CLASS_NAMES[: m.num_classes]
+
+
 def check_model(m: ModelConfig) -> None:
     """The ranges of every model key; which K a region mode supports is the model's to say
     (ranray.models.ran.check_regions)."""
@@ -361,6 +378,8 @@ def check_model(m: ModelConfig) -> None:
     _check(0.0 < m.crop_frac <= 1.0, "model.crop_frac", "must be in (0, 1]")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
+    _check(not m.class_names or len(m.class_names) == m.num_classes, "model.class_names",
+           f"has {len(m.class_names)} names for model.num_classes={m.num_classes}")
     _check(m.input_size >= 1, "model.input_size", "must be >= 1")
 
 

@@ -205,8 +205,8 @@ def _absolute_paths(base: TrainConfig) -> TrainConfig:
 
 def trial_demand(cfg: TuneConfig) -> dict[str, float]:
     """What one trial holds at once: its workers plus the trial function's sliver."""
-    return {"CPU": cfg.workers_per_trial * cfg.cpus_per_worker + DRIVER_CPU,
-            "GPU": cfg.workers_per_trial * cfg.gpus_per_worker}
+    return {"CPU": cfg.max_workers_per_trial * cfg.cpus_per_worker + DRIVER_CPU,
+            "GPU": cfg.max_workers_per_trial * cfg.gpus_per_worker}
 
 
 def max_concurrent(cfg: TuneConfig, cluster: dict[str, float]) -> int:

@@ -116,6 +116,6 @@ def test_saved_config_loads_back_identically(tmp_path):
 
 def test_flatten_gives_dotted_scalars():
     flat = flatten(TrainConfig())
-    assert flat["loss.rb_margin"] == 0.1
+    assert flat["loss.rb_margin"] is None and flat["loss.rb_space"] == "softmax"  # null: the dataset's margin
     assert flat["data.augment.erase_prob"] == 0.25
     assert all(not isinstance(v, dict) for v in flat.values())

@@ -174,3 +174,14 @@ def test_mismatching_checkpoints_name_file_and_keys(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_backbone_state(create_model("iresnet_tiny"), tmp_path / "nowhere.pth")
+
+
+def test_embedding_layers_run_in_float32_under_autocast():
+    net = create_model("iresnet_tiny").eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = net(x)
+        flat = torch.flatten(net.bn2(net.forward_features(x)), 1)
+    assert emb.dtype == torch.float32  # not rounded to bf16 (insightface keeps fc / features in fp32)
+    with torch.no_grad():
+        torch.testing.assert_close(emb, net.features(net.fc(flat.float())))

@@ -13,7 +13,7 @@ from ranray.data.schema import DatasetError, shard_paths
 from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.cli import main
 from ranray.tracking import find_runs, list_artifacts, metric_history
-from ranray.train.launch import run_training
+from ranray.train.launch import describe, run_training
 from ranray.train.protocols import protocol_splits
 
 
@@ -64,6 +64,9 @@ def test_clean_protocol_selects_on_val_and_tests_the_best_model_once(clean_run):
     assert test[0][1] >= 0.5 > 1.0 / NUM_CLASSES
     assert run["tags"]["test_accuracy"] == f"{test[0][1]:.4f}"
     assert run["metrics"]["val_samples"] == SPLITS["val"]
+    rows = dict(describe(result))
+    assert rows["protocol"] == "clean (best epoch on val, tested once)"
+    assert rows["test accuracy"] == f"{test[0][1]:.4f}" == f"{result.metrics['test_accuracy']:.4f}"
 
 
 def test_ran_protocol_trains_on_train_and_val_and_reports_the_last_epoch(ran_run):
@@ -78,6 +81,8 @@ def test_ran_protocol_trains_on_train_and_val_and_reports_the_last_epoch(ran_run
     # The reported model is the last epoch's, whatever test accuracy an earlier epoch had.
     assert run["metrics"]["best_epoch"] == 2
     assert run["metrics"]["best_test_accuracy"] == history[-1][1]
+    rows = dict(describe(result))
+    assert rows["protocol"].startswith("ran (trained on train + val") and "val accuracy (last / best)" not in rows
 
 
 def test_compare_puts_runs_side_by_side_in_markdown_and_mlflow(clean_run, ran_run, tmp_path, capsys):

@@ -80,6 +80,16 @@ def test_matching_backbone_checkpoint_passes(data_dir, tmp_path):
     assert manifest["num_classes"] == NUM_CLASSES
 
 
+def test_class_names_come_from_the_dataset(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, "x")
+    manifest = preflight(cfg)
+    assert cfg.model.class_names == manifest["class_names"] == ["neutral", "happiness", "surprise", "sadness"]
+    with pytest.raises(ConfigError, match=r"'model.class_names' is \['a', 'b', 'c', 'd'\] but .* has \['neutral'"):
+        preflight(tiny_config(data_dir, tmp_path, "x", "model.class_names=[a, b, c, d]"))
+    with pytest.raises(ConfigError, match=r"'model.class_names' has 2 names for model.num_classes=4"):
+        tiny_config(data_dir, tmp_path, "x", "model.class_names=[a, b]")
+
+
 def test_training_in_another_label_mode_than_prepared_is_refused(data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"'loss.label_mode' is 'crossentropy' but .* prepared with "
                                           r"label_mode='majority'"):

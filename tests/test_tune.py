@@ -20,7 +20,7 @@ from shard_fixtures import draw_face, write_dataset
 from ranray.config import ConfigError, SearchSpaceConfig, TrainConfig, TuneConfig, load_config
 from ranray.tracking import HTTP_ENV_DEFAULTS, find_runs, list_artifacts
 from ranray.tune import (FAILED, FINISHED, KNOBS, STOPPED_EARLY, apply_params, max_concurrent, param_space,
-                         plan_search, run_search, trial_config, trial_run_dir, trial_status)
+                         plan_search, run_search, train_scaling, trial_config, trial_run_dir, trial_status)
 
 NUM_CLASSES = 4
 # The class shows as the colour of a band across the forehead: one a far too small learning rate
@@ -187,10 +187,19 @@ def test_trial_config_carries_the_trial_values_name_and_resources(tmp_path, data
     (2, 1.0, 0.0, {"CPU": 4.0}, 1),
     (1, 2.0, 1.0, {"CPU": 16.0, "GPU": 2.0}, 2),
     (1, 0.5, 0.0, {"CPU": 64.0}, 5),  # never more than num_samples
+    ("1-2", 1.0, 0.0, {"CPU": 4.0}, 1),  # an elastic trial is counted at its max
 ])
 def test_max_concurrent_trials_follows_the_cluster(workers, cpus, gpus, cluster, expected):
     cfg = TuneConfig(num_samples=5, workers_per_trial=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
     assert max_concurrent(cfg, cluster) == expected
+
+
+def test_elastic_trials_pass_their_worker_range_to_the_training_config():
+    cfg = TuneConfig(workers_per_trial="2-4")
+    assert cfg.workers_per_trial == [2, 4] and cfg.max_workers_per_trial == 4
+    assert train_scaling(cfg, TrainConfig())["scaling.num_workers"] == [2, 4]
+    with pytest.raises(ConfigError, match="'workers_per_trial'"):
+        load_config(TuneConfig, None, ["workers_per_trial=4-2"])
 
 
 def test_max_concurrent_trials_refuses_a_trial_the_cluster_cannot_hold_and_respects_a_given_cap():

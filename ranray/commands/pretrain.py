@@ -3,8 +3,8 @@
     ranray pretrain --config jobs/pretrain_r50.yaml [key=value ...]
     ray job submit --working-dir . -- ranray pretrain --config jobs/pretrain_r50.yaml
 
-The same command with the same run.name resumes that run from its newest good checkpoint (with the
-same scaling.num_workers: each worker's class-centre shard is in the checkpoint). The result,
+The same command with the same run.name resumes that run from its newest good checkpoint, on any
+worker count (the class-centre shards are re-cut to the new ranks, docs/ELASTIC.md). The result,
 RUN_DIR/model/backbone.pt, is what `ranray train model.init_backbone=...` loads.
 """
 

@@ -99,7 +99,10 @@ class IResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn2(self.forward_features(x))
         x = self.dropout(torch.flatten(x, 1))
-        return self.features(self.fc(x))
+        # The embedding layers in float32 whatever the caller's autocast, as insightface does: a bf16
+        # embedding would round every face-recognition feature to 8 bits of mantissa.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.features(self.fc(x.float()))
 
 
 @register_model

@@ -79,7 +79,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     }
     if isinstance(state.get("summary"), dict):
         manifest["summary"] = state["summary"]  # small scalars a driver checks without loading the state
-    _atomic_write_text(manifest_path(path), json.dumps(manifest, indent=1))
+    atomic_write_text(manifest_path(path), json.dumps(manifest, indent=1))
     _fsync_dir(path.parent)
     return path
 
@@ -220,7 +220,7 @@ def export_model(state_dict: Mapping[str, torch.Tensor], config: Any,
     save_checkpoint(clean, path)
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     config_path = path.with_suffix(".yaml")
-    _atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
     return path, config_path
 
 
@@ -242,7 +242,8 @@ def _temp_path(path: Path) -> Path:
     return Path(name)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file: temp file, fsync, os.replace."""
     tmp = _temp_path(path)
     try:
         with open(tmp, "w") as f:

@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from ranray.config import CLASS_NAMES, TrainConfig, from_dict
+from ranray.config import CLASS_NAMES, TrainConfig, class_names_of, from_dict
 from ranray.data.schema import SUBSET_FLAGS, normalize
 from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.models.ran import LANDMARK_GROUPS
@@ -50,7 +50,7 @@ class TrainedModel:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[: self.cfg.model.num_classes]
+        return class_names_of(self.cfg.model)
 
     @property
     def uses_landmarks(self) -> bool:
@@ -137,13 +137,14 @@ class EvalReport:
 
 @torch.no_grad()
 def evaluate_loader(net: RegionAttentionNetwork, loader: Any, autocast: Callable[[], Any],
-                    use_landmarks: bool, num_classes: int, prefix: str = "val", reduce: bool = True) -> EvalResult:
+                    use_landmarks: bool, num_classes: int, prefix: str = "val", reduce: bool = True,
+                    class_names: Sequence[str] | None = None) -> EvalResult:
     """Accuracy (majority labels), per class, per subset flag and the confusion matrix of `loader`.
 
     Runs the bare module (no DDP collectives per batch); EvalAccumulator all-reduces the counts
     once at the end when a process group is up, so every rank gets the whole split's numbers.
     """
-    names = CLASS_NAMES[:num_classes]
+    names = tuple(class_names) if class_names else CLASS_NAMES[:num_classes]
     acc = EvalAccumulator(num_classes, names, prefix=prefix, reduce=reduce)
     clean = EvalAccumulator(num_classes, names, prefix=prefix, reduce=reduce)  # rows with no subset flag
     was_training = net.training
@@ -183,7 +184,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     dtype = PRECISIONS[precision]
     autocast: Callable[[], Any] = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
     result = evaluate_loader(trained.net, loader, autocast, trained.uses_landmarks,
-                             num_classes=trained.cfg.model.num_classes, prefix=split)
+                             num_classes=trained.cfg.model.num_classes, prefix=split,
+                             class_names=trained.class_names)
     report = EvalReport(split=split, metrics=result.metrics, confusion=result.confusion.tolist(),
                         class_names=list(result.class_names), checkpoint=str(trained.source),
                         data_dir=str(data_dir), skipped=loader.skipped)

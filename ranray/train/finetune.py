@@ -17,19 +17,20 @@ the engine's (ranray.train.engine).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ranray.config import CLASS_NAMES, TrainConfig, from_dict
+from ranray.config import TrainConfig, class_names_of, from_dict
 from ranray.data.loader import FaceLoader, build_loader
 from ranray.data.schema import read_manifest
 from ranray.models import build_ran, expression_loss, region_biased_loss
 from ranray.models.losses import rb_margin_for
 from ranray.models.ran import VARIANTS
-from ranray.train.checkpoint import export_model, load_checkpoint
+from ranray.train.checkpoint import atomic_write_text, export_model, load_checkpoint
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.train.evaluate import evaluate_loader
 from ranray.train.plots import plot_attention_faces, plot_confusion_matrix
@@ -51,9 +52,14 @@ class FineTune:
     job: str = "train"
 
     def __post_init__(self) -> None:
-        self.splits: Splits = protocol_splits(self.cfg.protocol, self.cfg.data)
+        manifest = read_manifest(self.cfg.data.dir)
+        splits = protocol_splits(self.cfg.protocol, self.cfg.data)
+        if splits.test_once not in manifest.get("splits", {}) or splits.test_once == splits.monitor:
+            # No test split of its own (AffectNet ships train and validation only): nothing to test once.
+            splits = dataclasses.replace(splits, test_once=None)
+        self.splits: Splits = splits
         self.rb_loss = VARIANTS[self.cfg.model.variant].rb_loss
-        self.rb_margin = rb_margin_for(read_manifest(self.cfg.data.dir).get("source"), self.cfg.loss.rb_margin)
+        self.rb_margin = rb_margin_for(manifest.get("source"), self.cfg.loss.rb_margin)
 
     @property
     def score_name(self) -> str:
@@ -90,7 +96,8 @@ class FineTune:
 
     def validate(self, e: Engine) -> Validation:
         result = evaluate_loader(e.net, e.val_loader, e.autocast, self.use_landmarks,
-                                 num_classes=self.cfg.model.num_classes, prefix=self.splits.monitor_prefix)
+                                 num_classes=self.cfg.model.num_classes, prefix=self.splits.monitor_prefix,
+                                 class_names=class_names_of(self.cfg.model))
         return Validation(result.metrics, result.metrics[self.score_name], result, self.splits.selects_best)
 
     def save_best(self, e: Engine, v: Validation) -> None:
@@ -119,6 +126,7 @@ class FineTune:
         if self.splits.test_once and best.is_file():
             test = test_best_model(self, e)
             e.tracker.log_metrics(test, step=e.state.step)
+            atomic_write_text(e.run_dir.test_metrics, json.dumps(test))
             tags["test_accuracy"] = f"{test['test_accuracy']:.4f}"
         return artifacts, tags
 
@@ -150,7 +158,7 @@ def test_best_model(task: FineTune, e: Engine) -> dict[str, float]:
                           num_threads=cfg.data.num_threads, channels_last=e.channels_last,
                           subset=cfg.data.train_subset)
     metrics = evaluate_loader(net, loader, e.autocast, task.use_landmarks, num_classes=cfg.model.num_classes,
-                              prefix="test", reduce=False).metrics
+                              prefix="test", reduce=False, class_names=class_names_of(cfg.model)).metrics
     log.info("test (%s, best epoch %d): accuracy %.4f on %d faces", task.splits.test_once, e.state.best_epoch + 1,
              metrics["test_accuracy"], metrics["test_samples"])
     return metrics
@@ -171,4 +179,4 @@ def plot_attention(task: FineTune, e: Engine) -> Path:
     boxes = net.region_boxes(images, landmarks) * images.shape[-1]
     return plot_attention_faces(images, boxes, out.mu, out.nu, out.logits.argmax(1).tolist(),
                                 batch["labels"][:n].tolist(), e.run_dir.attention,
-                                class_names=CLASS_NAMES[: task.cfg.model.num_classes])
+                                class_names=class_names_of(task.cfg.model))

@@ -18,6 +18,7 @@ Running the same command with the same run.name resumes that run from its newest
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config, to_dict
+from ranray.train.protocols import protocol_splits
 from ranray.train.elastic import check_run_dir, resume_summary
 from ranray.train.run_dir import RunDir
 
@@ -50,7 +52,8 @@ class Job:
 JOBS: dict[type, Job] = {
     TrainConfig: Job("training", "train", "ranray.train.finetune:train_func_per_worker",
                      ("final_model", "best_model", "confusion", "attention"),
-                     tags=lambda cfg: {"train_subset": cfg.data.train_subset}),
+                     tags=lambda cfg: {"train_subset": cfg.data.train_subset, "protocol": cfg.protocol,
+                                       "model_variant": cfg.model.variant}),
     PretrainConfig: Job("pretraining", "pretrain", "ranray.train.pretrain:train_func_per_worker",
                         ("backbone", "best_backbone")),
 }
@@ -70,6 +73,7 @@ class TrainingResult:
     elapsed_s: float
     resumed: bool = False
     artifacts: dict[str, Path] = field(default_factory=dict)
+    protocol: str = ""  # fine-tuning's evaluation protocol (ranray.train.protocols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +132,9 @@ def _check_data(cfg: TrainConfig) -> dict[str, Any]:
         manifest = read_manifest(cfg.data.dir)
         subset = cfg.data.train_subset
         flagged = f" flagged '{subset}' (data.train_subset)" if subset != "all" else ""
-        for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        splits = protocol_splits(cfg.protocol, cfg.data)  # protocol ran: train + val, watch test
+        watched = "data.val_split" if splits.monitor == cfg.data.val_split else "data.test_split"
+        for key, split in (("data.train_split", splits.train), (watched, splits.monitor)):
             rows = build_index(cfg.data.dir, split, subset).num_rows
             if rows == 0:
                 raise ConfigError(f"config key '{key}': split '{split}' of {cfg.data.dir} has no rows{flagged}")
@@ -142,6 +148,12 @@ def _check_data(cfg: TrainConfig) -> dict[str, Any]:
     if manifest.get("num_classes") != cfg.model.num_classes:
         raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but {cfg.data.dir} has "
                           f"{manifest.get('num_classes')} classes")
+    names = list(manifest.get("class_names") or [])
+    if cfg.model.class_names and names and cfg.model.class_names != names:
+        raise ConfigError(f"config key 'model.class_names' is {cfg.model.class_names} but {cfg.data.dir} has "
+                          f"{names}")
+    if names and not cfg.model.class_names:
+        cfg.model.class_names = names  # saved with the run and every exported model
     prepared = manifest.get("label_mode")
     if prepared is not None and prepared != cfg.loss.label_mode:
         # The label mode decides which rows a dataset keeps (majority drops faces without one) and what
@@ -257,8 +269,11 @@ def run_job(cfg: TrainConfig | PretrainConfig, *, run_name: str | None, plan: An
         result = build_trainer(cfg, run_name=name, tracking_run_id=run_id, plan=plan).fit()
     outputs = {key: getattr(files, key) for key in ("config", *job.outputs)}
     artifacts = {key: path for key, path in outputs.items() if path.exists()}
+    metrics = dict(result.metrics or {})
+    if files.test_metrics.is_file():  # the clean protocol's one test, after the last report
+        metrics.update(json.loads(files.test_metrics.read_text()))
     return TrainingResult(
-        run_name=name, run_dir=run_dir, metrics=dict(result.metrics or {}),
+        run_name=name, run_dir=run_dir, metrics=metrics, protocol=getattr(cfg, "protocol", ""),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         final_model=final if final.exists() else None, best_model=best if best.exists() else None,
         tracking_uri=tracker.tracking_uri, mlflow_run_id=run_id, ui_command=tracker.ui_command(),
@@ -288,15 +303,23 @@ def _record_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
     save_config(cfg, path)
 
 
+PROTOCOL_LINES = {"clean": "clean (best epoch on val, tested once)",
+                  "ran": "ran (trained on train + val, last epoch on test)"}
+
+
 def describe(result: TrainingResult) -> list[tuple[str, str]]:
     """Rows of the summary table `ranray train` prints."""
     m = result.metrics
     rows = [("run", result.run_name + (" (resumed)" if result.resumed else "")),
-            ("epochs / steps", f"{m.get('epoch', '?')} / {m.get('step', '?')}"),
-            ("val accuracy (last / best)", f"{m.get('val_accuracy', float('nan')):.4f} / "
-                                           f"{m.get('best_val_accuracy', float('nan')):.4f}")]
-    rows += [(f"val accuracy, {k[len('val_acc_'):]}", f"{v:.4f}") for k, v in m.items()
-             if k in ("val_acc_occlusion", "val_acc_pose30", "val_acc_pose45")]
+            ("protocol", PROTOCOL_LINES.get(result.protocol, result.protocol)),
+            ("epochs / steps", f"{m.get('epoch', '?')} / {m.get('step', '?')}")]
+    if "val_accuracy" in m:
+        rows.append(("val accuracy (last / best)", f"{m['val_accuracy']:.4f} / "
+                                                   f"{m.get('best_val_accuracy', float('nan')):.4f}"))
+    if "test_accuracy" in m:
+        rows.append(("test accuracy", f"{m['test_accuracy']:.4f}"))
+    rows += [(f"{k.split('_acc_')[0]} accuracy, {k.split('_acc_')[1]}", f"{v:.4f}") for k, v in m.items()
+             if k.split("_acc_")[-1] in ("occlusion", "pose30", "pose45") and k.startswith(("val_", "test_"))]
     rows += [("train loss", f"{m.get('train_loss', float('nan')):.4f}"),
              ("throughput", f"{m.get('images_per_s', float('nan')):.1f} images/s"),
              ("time", f"{result.elapsed_s:.0f} s"), ("run dir", str(result.run_dir))]

@@ -5,6 +5,7 @@ Beside Ray Train's checkpoint_* folders and checkpoint_manager_snapshot.json (ra
     config.yaml                       the job's config; a resumed run is checked against it
     model/best.pt, model/final.pt     fine-tuning's exported models (+ .yaml beside each)
     model/backbone_best.pt, model/backbone.pt    pretraining's exported backbones (+ .yaml)
+    model/test_metrics.json           the clean protocol's one test of model/best.pt
     plots/confusion_val.png, plots/attention_faces.png
     logs/rank<r>.log                  each worker's stderr (ranray.train.failures)
     mlflow.db, mlartifacts/           the default MLflow store and its artifacts (ranray.tracking)
@@ -74,6 +75,10 @@ class RunDir:
     @property
     def attention(self) -> Path:
         return self.plots / "attention_faces.png"
+
+    @property
+    def test_metrics(self) -> Path:
+        return self.model / "test_metrics.json"
 
     @property
     def logs(self) -> Path:
