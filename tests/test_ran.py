@@ -117,13 +117,15 @@ def test_gradients_reach_backbone_both_attention_heads_and_classifier():
 def test_bf16_autocast_is_finite_and_close_to_fp32():
     x = torch.randn(4, 3, 112, 112)
     net = calibrated(tiny_ran(num_regions=6), x)
-    seen = []
-    net.backbone.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    seen, embedded = [], []
+    net.backbone.layer4.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    net.backbone.register_forward_hook(lambda mod, inp, out: embedded.append(out.dtype))
     with torch.no_grad():
         ref = net(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = net(x)
-    assert seen == [torch.float32, torch.bfloat16]  # the backbone really ran in bf16
+    assert seen == [torch.float32, torch.bfloat16]  # the backbone's convolutions really ran in bf16
+    assert embedded == [torch.float32, torch.float32]  # its embedding layers in float32, as insightface
     for t in low:
         assert t.dtype == torch.float32 and torch.isfinite(t).all()
     # Stated tolerance: bf16 keeps 8 mantissa bits; through the backbone the embedding error
