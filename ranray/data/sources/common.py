@@ -1,14 +1,16 @@
 """What every dataset reader produces: uniform SourceRows, plus the shared class-order table.
 
-Readers run in the driver, before Ray starts, so that structural problems (a missing column, a
-missing file, an unknown class folder) stop the job with a message naming the file. Problems of a
-single row (bad votes, an excluded class, a non-face row) never stop it: the row carries a reject
-reason and ends up in rejects.parquet.
+Readers plan in the driver, before Ray starts, so that structural problems (a missing column, a
+missing file, an unknown class folder) stop the job with a message naming the file; the rows
+themselves are parsed by the workers (ranray.data.sources.lines). Problems of a single row (bad
+votes, an excluded class, a non-face row, a line that is not UTF-8) never stop it: the row carries
+a reject reason and ends up in rejects.parquet.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -144,8 +146,31 @@ def read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], Iterator
     return header, rows()
 
 
+def read_header(path: Path, required: tuple[str, ...]) -> list[str]:
+    """A csv file's header; a missing column is an error naming the file and column."""
+    header, rows = read_csv(path, required)
+    rows.close()
+    return header
+
+
+def parse_csv_line(text: str) -> list[str]:
+    return next(csv.reader([text]), [])
+
+
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return [folder / rel for rel in walk_images(folder)]
+
+
+def walk_images(folder: Path, prefix: str = "") -> Iterator[str]:
+    """Image files under folder as relative paths, depth first in sorted order; one directory's
+    names in memory at a time (an identity set's listing never is)."""
+    with os.scandir(folder) as it:
+        entries = sorted((e.name, e.is_dir()) for e in it)
+    for name, is_dir in entries:
+        if is_dir:
+            yield from walk_images(folder / name, f"{prefix}{name}/")
+        elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield prefix + name
 
 
 def one_hot(label: int, num_classes: int = len(CLASS_NAMES)) -> list[float]:
