@@ -129,27 +129,17 @@ def require_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], Iterator[list[str]]]:
-    """The header and a row iterator; a missing column is an error naming the file and column."""
-    handle = path.open(newline="", encoding="utf-8-sig")
-    reader = csv.reader(handle)
-    header = [h.strip() for h in next(reader, [])]
+def read_header(path: Path, required: tuple[str, ...]) -> list[str]:
+    """A csv file's header line (the rest is not read); a missing column is an error naming the file and column."""
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        header = [h.strip() for h in parse_csv_line(first.decode("utf-8-sig").rstrip("\r\n"))]
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: the header line is not UTF-8 ({err})") from None
     missing = [c for c in required if c not in header]
     if missing:
-        handle.close()
         raise SourceError(f"{path}: missing column(s) {missing} (header: {header})")
-
-    def rows() -> Iterator[list[str]]:
-        with handle:
-            yield from reader
-
-    return header, rows()
-
-
-def read_header(path: Path, required: tuple[str, ...]) -> list[str]:
-    """A csv file's header; a missing column is an error naming the file and column."""
-    header, rows = read_csv(path, required)
-    rows.close()
     return header
 
 
