@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 from cluster_utils import processes_titled
@@ -22,24 +23,25 @@ def align_actors() -> list[int]:
     return processes_titled("ray::", containing="MapWorker")
 
 
-def kill_one_actor_when_busy(killed: list[int], stop: threading.Event) -> None:
+def kill_one_actor_when_busy(logs: Path, killed: list[int], stop: threading.Event) -> None:
+    """SIGSEGV to an align actor once it has written a block (it is then past dlib's loading)."""
     while not stop.is_set():
-        actors = align_actors()
-        if actors:
-            time.sleep(1.5)  # into its first blocks
+        actors = [pid for pid in align_actors() if (logs / f"align-{pid}.log").is_file()]
+        if actors and list((logs.parent / "blocks").glob("*.json")):
             os.kill(actors[0], signal.SIGSEGV)
             killed.append(actors[0])
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def test_align_actor_killed_mid_run_loses_no_row(ray_session, tmp_path):
     raw = synthesize(tmp_path / "raw", SynthOptions(n=400, seed=5))
     cfg = raw.prepare_config(tmp_path / "prepared")
-    cfg.num_workers, cfg.batch_size = 2, 8
+    cfg.num_workers = 2
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=kill_one_actor_when_busy, args=(killed, stop), daemon=True)
+    logs = tmp_path / ".prepared.partial" / "logs"
+    killer = threading.Thread(target=kill_one_actor_when_busy, args=(logs, killed, stop), daemon=True)
     killer.start()
     try:
         prepare(cfg)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow as pa
 
 from ranray.config import CLASS_NAMES, ConfigError
 
@@ -57,28 +56,6 @@ class SourceRow:
     flags: int = 0
     reason: str = ""  # set by the reader when the row is rejected before alignment
     detail: str = ""
-
-
-# The Arrow schema of rows travelling from the driver into the Ray Data actors.
-ROW_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("split", pa.string()),
-    ("label", pa.int32()),
-    ("target", pa.list_(pa.float32())),
-    ("votes", pa.list_(pa.int16())),
-    ("image_kind", pa.string()),
-    ("path", pa.string()),
-    ("pixels", pa.string()),
-    ("offset", pa.int64()),
-    ("box", pa.list_(pa.float32())),
-    ("landmarks", pa.list_(pa.float32())),
-    ("flags", pa.int32()),
-])
-
-
-def rows_to_table(rows: list[SourceRow]) -> pa.Table:
-    columns = {name: [getattr(r, name) for r in rows] for name in ROW_SCHEMA.names}
-    return pa.table(columns, schema=ROW_SCHEMA)
 
 
 @dataclass
