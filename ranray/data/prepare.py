@@ -36,7 +36,7 @@ from ranray.config import CLASS_NAMES, ConfigError, PrepareConfig, to_dict
 from ranray.data.align import AlignOptions
 from ranray.data.prepare_worker import BlockJob, BlockPreparer, reject_record, task_rows
 from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_FLAGS
-from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_markers, write_task_output
+from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_marker, read_markers, write_task_output
 from ranray.data.sources import PLANNERS, SourcePlan
 from ranray.data.sources.lines import cut
 from ranray.data.sources.subsets import load_list
@@ -415,7 +415,7 @@ class Progress:
 def finalize(work: OutputLocation, cfg: PrepareConfig, plan: SourcePlan, job: BlockJob, blocks: list[dict],
              seconds: float) -> dict[str, Any]:
     markers = committed_markers(work, blocks)
-    totals = _totals(markers, job)
+    totals = _totals(work, markers, job)
     if totals["lines"] != sum(b["hi"] for b in blocks):
         raise RuntimeError(f"prepare: the blocks saw {totals['lines']} input lines, the plan has "
                            f"{sum(b['hi'] for b in blocks)}: an input changed during the run")
@@ -445,11 +445,13 @@ def committed_markers(work: OutputLocation, blocks: list[dict]) -> list[dict]:
     return chosen
 
 
-def _totals(markers: list[dict], job: BlockJob) -> dict[str, Any]:
+def _totals(work: OutputLocation, index: list[dict], job: BlockJob) -> dict[str, Any]:
+    """The manifest's counts from the committed markers, read one at a time (memory: one marker plus
+    the identity sets, never all markers' label lists at once)."""
     totals: dict[str, Any] = {"lines": 0, "rows_in": 0, "written": 0, "rejected": 0, "reasons": Counter(),
                               "splits": {}, "subsets": {s: set() for s in job.subsets}, "fallbacks": []}
     labels: dict[str, set[int]] = {}
-    for m in markers:
+    for m in (read_marker(work, entry["name"]) for entry in index):
         for key in ("lines", "rows_in", "written", "rejected"):
             totals[key] += m[key]
         if m["rows_in"] != m["written"] + m["rejected"]:

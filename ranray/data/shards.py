@@ -432,7 +432,19 @@ def write_task_output(out: OutputLocation, task: str, shards: dict[str, pa.Table
     return stats
 
 
-def read_markers(out: OutputLocation) -> dict[str, dict]:
-    """Committed tasks: task name -> its statistics."""
-    return {rel[len(MARKERS) + 1:-len(".json")]: json.loads(out.read_bytes(rel))
-            for rel in out.files(MARKERS) if rel.endswith(".json")}
+MARKER_INDEX = ("name", "block", "lo", "hi", "lines", "files", "rejects_file")  # what tracking a run needs
+
+
+def read_markers(out: OutputLocation, keys: tuple[str, ...] | None = MARKER_INDEX) -> dict[str, dict]:
+    """Committed tasks: task name -> its statistics (only `keys` of them; None: all). The full
+    statistics carry per-block label lists: read_marker them one at a time."""
+    markers = {}
+    for rel in out.files(MARKERS):
+        if rel.endswith(".json"):
+            stats = json.loads(out.read_bytes(rel))
+            markers[stats["name"]] = stats if keys is None else {k: stats[k] for k in keys}
+    return markers
+
+
+def read_marker(out: OutputLocation, task: str) -> dict:
+    return json.loads(out.read_bytes(f"{MARKERS}/{task}.json"))
