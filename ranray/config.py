@@ -168,6 +168,8 @@ class PrepareConfig:
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     num_workers: int = 0  # 0: one actor per CPU Ray has
     worker_retries: int = 2  # a block whose actor died is retried on a fresh actor this many times
+    # Unused since prepare runs whole blocks per task (rows_per_shard); kept only so that job files
+    # that still set it load. To be dropped with its line in jobs/*ferplus_prepare.yaml.
     batch_size: int = 64
     rows_per_shard: int = 2048  # one shard per split per block of this many input rows (fewer for small inputs)
     # Each block gathers this many runs of rows from across the input, so that shards of an
