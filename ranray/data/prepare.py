@@ -254,11 +254,15 @@ def align_options(cfg: PrepareConfig) -> AlignOptions:
 
 
 def _fingerprint(cfg: PrepareConfig, plan: SourcePlan, blocks: list[dict]) -> str:
-    """What the output depends on: the config (less runtime keys), the line files, the blocks."""
+    """What the output depends on: the config (less runtime keys), the line files' bytes, the blocks,
+    the inputs' sizes and times (a .rec is not hashed: tens of GB)."""
     digest = hashlib.sha256()
     digest.update(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS},
                              sort_keys=True).encode())
     digest.update(json.dumps(blocks).encode())
+    for path in map(Path, cfg.inputs):  # the .rec files and image folders beside the hashed line files
+        if path.exists():
+            digest.update(f"{path.resolve()} {path.stat().st_size} {path.stat().st_mtime_ns}".encode())
     for group in plan.groups:
         for path in group.files:
             with open(path, "rb") as f:
