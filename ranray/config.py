@@ -237,15 +237,25 @@ class PrepareConfig:
     inputs: list[str] = field(default_factory=list)  # source files or folders, per reader
     out: str = ""
     label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
-    detector: Literal["hog", "cnn", "given"] = "given"  # given: face crops, no detection
+    # given: face crops, no detection; none: already-aligned 112x112 faces (insightface RecordIO,
+    # aligned folders) pass through without dlib: size and channels checked, JPEG bytes kept.
+    detector: Literal["hog", "cnn", "given", "none"] = "given"
+    resize: bool = False  # detector none: resize faces that are not 112x112 instead of rejecting them
     # given mode: a landmark fit that fails its plausibility check is aligned from the box and
     # flagged (True), or rejected as "landmark_implausible" (False) for users who want only fitted faces.
     align_fallback: bool = True
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     num_workers: int = 0  # 0: one actor per CPU Ray has
     worker_retries: int = 2  # a block whose actor died is retried on a fresh actor this many times
+    # Unused since prepare runs whole blocks per task (rows_per_shard); kept only so that job files
+    # that still set it load. To be dropped with its line in jobs/*ferplus_prepare.yaml.
     batch_size: int = 64
-    rows_per_shard: int = 2048
+    rows_per_shard: int = 2048  # one shard per split per block of this many input rows (fewer for small inputs)
+    # Each block gathers this many runs of rows from across the input, so that shards of an
+    # identity-sorted source (RecordIO, identity folders) mix many identities in every row group.
+    segments_per_shard: int = 16
+    progress_every: int = 10  # a progress line every this many blocks
+    resume: bool = True  # a killed run's committed blocks are kept and only the rest is prepared again
     jpeg_quality: int = 95
     overwrite: bool = False
 
@@ -255,6 +265,10 @@ class PrepareConfig:
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         _check(self.worker_retries >= 0, "worker_retries", "must be >= 0")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in 1..100")
+        _check(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
+        _check(self.segments_per_shard >= 1, "segments_per_shard", "must be >= 1")
+        _check(self.progress_every >= 1, "progress_every", "must be >= 1")
+        _check(not self.resize or self.detector == "none", "resize", "only applies to detector none")
         for flag in self.subset_lists:
             _check(flag in SUBSETS[1:], f"subset_lists.{flag}", f"must be one of {SUBSETS[1:]}")
 

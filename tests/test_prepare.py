@@ -43,7 +43,10 @@ def test_synthetic_ferplus_through_ranray_prepare(ray_session, tmp_path, capsys)
     argv = ["prepare", "ferplus", str(raw.root), "--out", str(out), "num_workers=2", "batch_size=8",
             "rows_per_shard=16", f"subset_lists.occlusion={raw.subset_lists['occlusion']}"]
     assert cli.main(argv) == 0
-    assert "prepared ferplus" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("prepared ferplus") and "48 rows in" in printed[-1]
+    progress = [line for line in printed if line.startswith("prepare: ")]
+    assert progress and "rows/s, ETA" in progress[-1] and "/48 rows (100%)" in progress[-1]
 
     manifest = read_manifest(out)
     assert manifest["rows_in"] == 48 == manifest["rows_written"] + manifest["rows_rejected"]

@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from ranray.data.prepare import prepare
 
     cfg = load_config(PrepareConfig, parse_items(args).config, overrides_from(args))
-    summary = prepare(cfg)
+    summary = prepare(cfg, progress=lambda line: print(line, flush=True))
     print(summary.line())
     return 0

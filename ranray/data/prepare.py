@@ -1,21 +1,22 @@
 """`ranray prepare`: raw dataset -> aligned Parquet shards + rejects + manifest, on Ray Data.
 
-    read (driver: SourceRows; structural errors stop here, before Ray starts)
-      -> Ray Data: rows -> map_batches(AlignBatch actors, each holding dlib once) -> face or reject
-      -> driver: Parquet shards per split, rejects.parquet, manifest.json
-      -> temp dir renamed onto the output at the very end
+    driver: plan (structural errors stop here, before Ray starts; nothing is held per row)
+      -> blocks: runs of input lines by byte offset (ranray.data.sources.lines), one task each
+      -> Ray Data actor pool: each task reads, aligns and writes its own shards, rejects and a
+         marker with its statistics (ranray.data.prepare_worker); only the statistics come back
+      -> driver: manifest from the markers, rejects merged, work folder renamed onto the output
 
-Every input row is either written or rejected with a reason (rows_in == written + rejected is
-checked and stored). A partial output of a killed run is a hidden temp dir beside the output, never
-a directory with a manifest. Rows are written in a fixed pseudo-random order, so every row group
-mixes classes and the loader's block shuffle works on sorted sources (image folders) too.
+Every input row is either written or rejected with a reason (rows_in == written + rejected, per
+block and in total, is checked and stored). The work folder `.<out>.partial` beside the output
+holds the committed blocks of a killed run: the same command again re-aligns only the rest
+(`resume`). Blocks gather runs of lines from across the input and shuffle them, so every row group
+mixes classes or identities and the loader's windowed shuffle works on sorted sources too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import io
+import hashlib
 import json
 import logging
 import math
@@ -25,138 +26,34 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, Callable, Iterator
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
 from ranray.config import CLASS_NAMES, ConfigError, PrepareConfig, to_dict
-from ranray.data.align import AlignOptions, FaceAligner
-from ranray.data.schema import (FACE_SIZE, FLAG_ALIGN_FALLBACK, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA,
-                                SUBSET_FLAGS)
-from ranray.data.sources import READERS, RowReject, SourceRead, SourceRow, mark_subsets
-from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD, rows_to_table
-from ranray.data.sources.recordio import RecordIOError, read_record_at, unpack
+from ranray.data.align import AlignOptions
+from ranray.data.prepare_worker import BlockJob, BlockPreparer, reject_record, task_rows
+from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_FLAGS
+from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_marker, read_markers, write_task_output
+from ranray.data.sources import PLANNERS, SourcePlan
+from ranray.data.sources.lines import cut
+from ranray.data.sources.subsets import load_list
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
 from ranray.ray_runtime import ensure_ray
-from ranray.train.failures import redirect_stderr
 
-ROW_GROUP_ROWS = 256  # the loader shuffles whole row groups; 256 faces is ~1.5 MB of JPEG
-MIN_IMAGE_SIDE = 16  # smaller "images" hold no face worth aligning
-FER_SIDE = 48  # FER2013 pixels rows are 48x48
-ORDER_SEED = 0
-FALLBACK_EXAMPLES = 20
-# Rows leaving the actors: a shard row plus the reject reason ("" for a written face).
 log = logging.getLogger("ranray.prepare")
 
-OUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 EXPRESSION_SOURCES = {"ferplus", "rafdb", "affectnet", "imagefolder"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker side: one AlignBatch per Ray actor
-# ---------------------------------------------------------------------------------------------
-
-
-def _decode(source: Path | io.BytesIO, where: str) -> Image.Image:
-    try:
-        with Image.open(source) as img:
-            img.load()  # decode now: a truncated or corrupt file fails here, not later
-            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise RowReject("corrupt_image", f"{where}: {type(err).__name__}: {err}") from None
-
-
-def _load_file(row: dict) -> Image.Image:
-    path = Path(row["path"])
-    if not path.is_file():
-        raise RowReject("missing_file", str(path))
-    return _decode(path, str(path))
-
-
-@functools.lru_cache(maxsize=8)
-def _record_file(path: str) -> BinaryIO:
-    # Kept open for the actor's life: a batch reads many records of one .rec, each at its offset.
-    return open(path, "rb")
-
-
-def _load_record(row: dict) -> Image.Image:
-    where = f"{row['path']} ({row['key']})"
-    try:
-        _, image = unpack(read_record_at(_record_file(row["path"]), row["offset"]))
-    except (OSError, RecordIOError) as err:
-        raise RowReject("corrupt_image", f"{where}: {type(err).__name__}: {err}") from None
-    return _decode(io.BytesIO(image), where)
-
-
-def _load_pixels(row: dict) -> Image.Image:
-    values = row["pixels"].split()
-    if len(values) != FER_SIDE * FER_SIDE:
-        raise RowReject("bad_pixels", f"{row['key']}: {len(values)} pixel values, expected {FER_SIDE * FER_SIDE}")
-    try:
-        arr = np.array(values, dtype=np.float64)
-    except ValueError as err:
-        raise RowReject("bad_pixels", f"{row['key']}: {err}") from None
-    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
-        raise RowReject("bad_pixels", f"{row['key']}: values outside 0..255")
-    return Image.fromarray(arr.reshape(FER_SIDE, FER_SIDE).astype(np.uint8), "L")
-
-
-IMAGE_LOADERS: dict[str, Callable[[dict], Image.Image]] = {
-    IMAGE_FILE: _load_file, IMAGE_PIXELS: _load_pixels, IMAGE_RECORD: _load_record}
-
-
-def _jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-class AlignBatch:
-    """The Ray Data actor: loads dlib once, then aligns batches; never raises for a bad row."""
-
-    def __init__(self, options: AlignOptions, source: str, jpeg_quality: int, log_dir: str = ""):
-        if log_dir:  # as a Ray actor: a native crash leaves its trace in the dataset's logs/, not on the terminal
-            redirect_stderr(Path(log_dir) / f"align-{os.getpid()}.log", "align")
-        self.aligner = FaceAligner(options)
-        self.source = source
-        self.quality = jpeg_quality
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.process(row) for row in batch.to_pylist()], schema=OUT_SCHEMA)
-
-    def process(self, row: dict) -> dict:
-        out = {"key": row["key"], "split": row["split"], "source": self.source, "label": row["label"],
-               "flags": row["flags"], "reason": "", "detail": ""}
-        try:
-            out.update(self._face(row))
-        except RowReject as rej:
-            out.update(reason=rej.reason, detail=rej.detail)
-        except Exception as err:  # noqa: BLE001 - a bad row must never kill the actor
-            out.update(reason="error", detail=f"{type(err).__name__}: {err}")
-        return out
-
-    def _face(self, row: dict) -> dict:
-        img = IMAGE_LOADERS[row["image_kind"]](row)
-        if min(img.size) < MIN_IMAGE_SIDE:
-            raise RowReject("image_too_small", f"{row['key']}: {img.size[0]}x{img.size[1]}")
-        box = tuple(row["box"]) if row["box"] else None
-        aligned = self.aligner.align(img, box=box, hint=np.asarray(row["landmarks"]) if row["landmarks"] else None)
-        flags = row["flags"] | (FLAG_ALIGN_FALLBACK if aligned.fallback else 0)
-        target = row["target"]
-        return {"image": _jpeg(aligned.image, self.quality), "target": target, "votes": row["votes"],
-                "landmarks": aligned.landmarks.reshape(-1).tolist(), "flags": flags, "detail": aligned.detail}
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver side
-# ---------------------------------------------------------------------------------------------
+MIN_BLOCKS = 64  # small inputs still give every worker several blocks
+MIN_BLOCK_ROWS = 16
+WORK_MARK = ".ranray-prepare"  # in a work folder: prepare made it, so prepare may delete it
+LISTING_DIR = "listing"
+# Keys that do not change what a prepare writes: a resumed run may change them.
+RUNTIME_KEYS = {"num_workers", "worker_retries", "batch_size", "overwrite", "progress_every", "resume"}
+WORKER_DIED = ("the align worker died on this row, alone in its task (a native crash in dlib or the image "
+               "decoder, or out of memory); logs/align-<pid>.log holds a crash's trace")
 
 
 @dataclass
@@ -170,52 +67,51 @@ class PrepareSummary:
     rejects_by_reason: dict[str, int]
     align_fallback: int
     seconds: float
+    resumed_blocks: int = 0
 
     def line(self) -> str:
         splits = ", ".join(f"{s} {n}" for s, n in self.split_rows.items())
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.rejects_by_reason.items(), key=lambda kv: -kv[1]))
         rate = self.rows_written / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", {self.resumed_blocks} blocks kept from a killed run" if self.resumed_blocks else ""
         return (f"prepared {self.source} -> {self.out}: {self.rows_in} rows in, {self.rows_written} written "
                 f"({splits}), {self.rows_rejected} rejected ({reasons or 'none'}), {self.align_fallback} "
-                f"fallback-aligned, {rate:.1f} faces/s in {self.seconds:.1f} s")
+                f"fallback-aligned, {rate:.1f} faces/s in {self.seconds:.1f} s{resumed}")
 
 
-def prepare(cfg: PrepareConfig) -> PrepareSummary:
-    """Run the whole preparation; raises ConfigError (or SourceError) before Ray for bad inputs."""
+def prepare(cfg: PrepareConfig, progress: Callable[[str], None] | None = None) -> PrepareSummary:
+    """Run the whole preparation; raises ConfigError (or SourceError) before Ray for bad inputs.
+
+    progress: receives a line every `progress_every` blocks (default: the ranray.prepare log).
+    """
     cfg.validate()
     if cfg.label_mode != "majority" and cfg.source != "ferplus":
         raise ConfigError(f"config key 'label_mode' {cfg.label_mode!r} needs vote counts: only source ferplus has them")
-    out = Path(cfg.out)
-    check_output(out, cfg.overwrite)
     started = time.perf_counter()
-    read = READERS[cfg.source](cfg)
-    subset_report = mark_subsets(read.rows, cfg.subset_lists)
-    rows = _fixed_order(read.rows)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    out = OutputLocation(cfg.out)
+    check_output_location(out, cfg.overwrite)
+    work = open_work(out, cfg.resume)
     try:
-        writer = ShardWriter(tmp, cfg.rows_per_shard, _num_classes(cfg.source, read),
-                             per_class=cfg.source in EXPRESSION_SOURCES)
-        rejects = [_reject_record(r, cfg.source) for r in rows if r.reason]
-        fallbacks: list[dict] = []  # a few examples of fallback-aligned rows and why, for the manifest
-        for table in align_rows([r for r in rows if not r.reason], cfg, log_dir=tmp / "logs"):
-            good = table.filter(pc.equal(table["reason"], ""))
-            writer.write(good.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
-            rejects += table.filter(pc.not_equal(table["reason"], "")).select(REJECT_SCHEMA.names).to_pylist()
-            if len(fallbacks) < FALLBACK_EXAMPLES:
-                noted = good.filter(pc.not_equal(good["detail"], "")).select(["key", "detail"])
-                fallbacks += noted.slice(0, FALLBACK_EXAMPLES - len(fallbacks)).to_pylist()
-        splits = writer.close()
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp / "rejects.parquet")
-        manifest = build_manifest(cfg, read, splits, rejects, subset_report, time.perf_counter() - started)
-        manifest["align_fallback_examples"] = fallbacks
-        _write_extras(tmp, cfg, read)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        commit(tmp, out, cfg.overwrite)
+        plan, blocks = _plan(cfg, work)
+        job = _job(cfg, plan, work)
+        fresh = _fingerprint_check(work, cfg, plan, blocks)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if work is not out and not work.files(MARKERS):  # nothing worth resuming: leave no trace
+            work.delete_dir()
         raise
-    return _summary(out, manifest)
+    if fresh:
+        _reset(work)
+    done = read_markers(work)
+    tasks = pending_tasks(blocks, done)
+    reporter = Progress(len(blocks), sum(b["hi"] for b in blocks), cfg.progress_every, progress or log.info)
+    reporter.start(blocks, done)
+    if tasks:
+        run_all(tasks, job, cfg, reporter, log_dir=_log_dir(work))
+    manifest = finalize(work, cfg, plan, job, blocks, time.perf_counter() - started)
+    manifest["resumed_blocks"] = 0 if fresh else reporter.kept
+    work.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
+    commit_output(work, out, cfg.overwrite)
+    return _summary(Path(cfg.out), manifest)
 
 
 def prepare_synthetic(raw_dir: str | Path, out_dir: str | Path, options: SynthOptions | None = None,
@@ -240,19 +136,73 @@ def prepare_synthetic(raw_dir: str | Path, out_dir: str | Path, options: SynthOp
     return prepare(result.prepare_config(out_dir, **overrides))
 
 
+# ---------------------------------------------------------------------------------------------
+# Output and work folder
+# ---------------------------------------------------------------------------------------------
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output unless told; never delete a folder that is not a prepared dataset."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    check_output_location(OutputLocation(str(out)), overwrite)
+
+
+def check_output_location(out: OutputLocation, overwrite: bool) -> None:
+    if not out.exists() or not out.files():
         return
     if not overwrite:
-        raise ConfigError(f"config key 'out' {out} already exists; pass --overwrite (overwrite=true) to replace it")
-    if not (out / "manifest.json").is_file():
-        raise ConfigError(f"config key 'out' {out} exists and is not a prepared dataset (no manifest.json); "
+        raise ConfigError(f"config key 'out' {out.where} already exists; pass --overwrite (overwrite=true) to replace it")
+    if not out.exists("manifest.json"):
+        raise ConfigError(f"config key 'out' {out.where} exists and is not a prepared dataset (no manifest.json); "
                           "refusing to replace it")
 
 
+def work_location(out: OutputLocation) -> OutputLocation:
+    """Local outputs are built in `.<name>.partial` beside them and renamed; on an object store the
+    output is built in place and manifest.json, written last, marks it complete."""
+    if not out.local:
+        return out
+    path = Path(out.root)
+    return OutputLocation(str(path.parent / f".{path.name}.partial"))
+
+
+def open_work(out: OutputLocation, resume: bool) -> OutputLocation:
+    """The work folder, made (or kept, for a resume) and proven writable before Ray starts."""
+    work = work_location(out)
+    try:
+        if work.exists() and work.files() and not work.exists(WORK_MARK) and work is not out:
+            raise ConfigError(f"config key 'out': {work.where} exists and was not made by prepare; "
+                              "refusing to use or delete it")
+        if work.exists(WORK_MARK) and not resume:
+            work.delete_dir()
+        work.mkdir()
+        work.write_bytes(WORK_MARK, b"ranray prepare work folder\n")
+    except OSError as err:
+        raise ConfigError(f"config key 'out' {out.where} cannot be written: {err}") from None
+    return work
+
+
+def _reset(work: OutputLocation) -> None:
+    """Drop what an earlier run of another plan left (the listing and plan.json were just rewritten)."""
+    for rel in work.files():
+        if not rel.startswith((f"{LISTING_DIR}/", "logs/")) and rel not in (WORK_MARK, "plan.json"):
+            work.delete(rel)
+
+
+def _log_dir(work: OutputLocation) -> str:
+    return str(Path(work.root) / "logs") if work.local else ""
+
+
+def commit_output(work: OutputLocation, out: OutputLocation, overwrite: bool) -> None:
+    for rel in (WORK_MARK, "plan.json"):
+        if work.exists(rel):
+            work.delete(rel)
+    work.delete_dir(LISTING_DIR)
+    if work is not out:
+        commit(Path(work.root), Path(out.root), overwrite)
+
+
 def commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temp dir onto the output (rename: the output is complete or absent)."""
+    """Move the finished work dir onto the output (rename: the output is complete or absent)."""
     if out.exists() and any(out.iterdir()):
         check_output(out, overwrite)
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -265,17 +215,100 @@ def commit(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(tmp, out)
 
 
-def _fixed_order(rows: list[SourceRow]) -> list[SourceRow]:
-    order = np.random.default_rng(ORDER_SEED).permutation(len(rows))
-    return [rows[i] for i in order]
+# ---------------------------------------------------------------------------------------------
+# Plan: blocks of runs of lines
+# ---------------------------------------------------------------------------------------------
 
 
-def _num_classes(source: str, read: SourceRead) -> int:
-    return len(CLASS_NAMES) if source in EXPRESSION_SOURCES else len(read.class_names)
+def block_rows(cfg: PrepareConfig, rows: int) -> int:
+    """Rows per block: rows_per_shard, fewer for small inputs (every worker gets blocks). Depends on
+    the input and the config only, never on the worker count: a resumed run plans the same blocks."""
+    return max(1, min(cfg.rows_per_shard, max(MIN_BLOCK_ROWS, math.ceil(rows / MIN_BLOCKS))))
 
 
-def _reject_record(row: SourceRow, source: str) -> dict:
-    return {"key": row.key, "source": source, "split": row.split, "reason": row.reason, "detail": row.detail}
+def _plan(cfg: PrepareConfig, work: OutputLocation) -> tuple[SourcePlan, list[dict]]:
+    if not work.local and cfg.source in ("imagefolder", "identity"):
+        raise ConfigError(f"config key 'out' {cfg.out}: folder sources write their listing into the work "
+                          "folder; give a local or mounted path")
+    plan = PLANNERS[cfg.source](cfg, Path(work.root) / LISTING_DIR)
+    per_block = block_rows(cfg, plan.rows)
+    segments = cut(plan.groups, max(1, math.ceil(per_block / cfg.segments_per_shard)))
+    count = max(1, math.ceil(len(segments) / cfg.segments_per_shard)) if len(segments) else 0
+    blocks = []
+    for b in range(count):
+        # Block b takes every count-th run: runs from all over the input, so sorted inputs mix.
+        segs = [segments.describe(i) for i in range(b, len(segments), count)]
+        blocks.append({"name": f"{b:06d}", "block": b, "lo": 0, "hi": sum(s[2] for s in segs), "segments": segs})
+    return plan, blocks
+
+
+def _job(cfg: PrepareConfig, plan: SourcePlan, work: OutputLocation) -> BlockJob:
+    return BlockJob(source=cfg.source, groups=plan.groups, parser=plan.parser, out=work, options=align_options(cfg),
+                    quality=cfg.jpeg_quality, resize=cfg.resize,
+                    per_class=len(CLASS_NAMES) if cfg.source in EXPRESSION_SOURCES else 0,
+                    subsets={s: load_list(p) for s, p in cfg.subset_lists.items()})
+
+
+def align_options(cfg: PrepareConfig) -> AlignOptions:
+    return AlignOptions(detector=cfg.detector, fallback=cfg.align_fallback)
+
+
+def _fingerprint(cfg: PrepareConfig, plan: SourcePlan, blocks: list[dict]) -> str:
+    """What the output depends on: the config (less runtime keys), the line files' bytes, the blocks,
+    the inputs' sizes and times (a .rec is not hashed: tens of GB)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS},
+                             sort_keys=True).encode())
+    digest.update(json.dumps(blocks).encode())
+    for path in map(Path, cfg.inputs):  # the .rec files and image folders beside the hashed line files
+        if path.exists():
+            digest.update(f"{path.resolve()} {path.stat().st_size} {path.stat().st_mtime_ns}".encode())
+    for group in plan.groups:
+        for path in group.files:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint_check(work: OutputLocation, cfg: PrepareConfig, plan: SourcePlan, blocks: list[dict]) -> bool:
+    """True when the work folder must start afresh (first run, or another plan's leftovers)."""
+    mark = _fingerprint(cfg, plan, blocks)
+    kept = json.loads(work.read_bytes("plan.json")).get("fingerprint") if work.exists("plan.json") else None
+    if kept != mark:
+        if kept is not None:
+            log.warning("prepare: %s holds a killed run of other inputs or settings; starting afresh", work.where)
+        work.write_bytes("plan.json", json.dumps({"fingerprint": mark, "blocks": len(blocks)}).encode())
+        return True
+    return False
+
+
+def row_parts(done: dict[str, dict]) -> dict[int, list[dict]]:
+    """Committed one-row tasks by block."""
+    parts: dict[int, list[dict]] = {}
+    for name, stats in done.items():
+        if "-" in name:
+            parts.setdefault(stats["block"], []).append(stats)
+    return parts
+
+
+def pending_tasks(blocks: list[dict], done: dict[str, dict]) -> list[dict]:
+    """Blocks not committed; a block a killed run was isolating row by row continues that way."""
+    tasks = []
+    parts = row_parts(done)
+    for block in blocks:
+        if block["name"] in done:
+            continue
+        kept = parts.get(block["block"])
+        tasks += isolation_tasks(block, kept) if kept else [block]
+    return tasks
+
+
+def isolation_tasks(block: dict, committed: list[dict]) -> list[dict]:
+    """One task per line of the block not yet committed."""
+    covered = {p for s in committed for p in range(s["lo"], s["hi"])}
+    return [dict(block, name=f"{block['name']}-{p:05d}", lo=p, hi=p + 1)
+            for p in range(block["lo"], block["hi"]) if p not in covered]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,187 +316,212 @@ def _reject_record(row: SourceRow, source: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def num_workers(cfg: PrepareConfig, num_rows: int) -> int:
+def num_workers(cfg: PrepareConfig, num_tasks: int) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    wanted = cfg.num_workers or cpus
-    return max(1, min(wanted, num_rows))
+    return max(1, min(cfg.num_workers or cpus, num_tasks))
 
 
-def align_options(cfg: PrepareConfig) -> AlignOptions:
-    return AlignOptions(detector=cfg.detector, fallback=cfg.align_fallback)
-
-
-def align_rows(rows: list[SourceRow], cfg: PrepareConfig, log_dir: Path | None = None) -> Iterator[pa.Table]:
-    """Aligned rows (OUT_SCHEMA tables), from an actor pool on Ray Data; every row comes back.
-
-    An actor that dies (a native crash in dlib or a decoder, the OOM killer) is restarted and its
-    block retried `worker_retries` times. Rows of blocks that still fail are aligned again one row
-    per block, so that only the rows that kill a worker are lost; those come back as
-    `worker_died` rejects. With `log_dir`, each actor's stderr goes to log_dir/align-<pid>.log.
-    """
-    if not rows:
-        return
+def run_all(tasks: list[dict], job: BlockJob, cfg: PrepareConfig, reporter: "Progress", log_dir: str) -> None:
+    """All tasks on an actor pool. An actor that dies (a native crash in dlib or a decoder, the OOM
+    killer) is restarted and its task retried `worker_retries` times; a block that still fails is
+    run again one row per task, and rows that still kill their worker become `worker_died` rejects."""
     ensure_ray()
-    workers = num_workers(cfg, len(rows))
-    # Small inputs get small batches, so that every actor has work.
-    batch = max(1, min(cfg.batch_size, math.ceil(len(rows) / (workers * 4))))
-    seen: set[str] = set()
-    logs = str(log_dir or "")
-    for table in _align_pass(rows, cfg, workers, batch, cfg.worker_retries, logs):
-        seen.update(table["key"].to_pylist())
-        yield table
-    lost = [r for r in rows if r.key not in seen]
-    if lost:
-        log.warning("prepare: align workers died on %d rows after %d retries; aligning them one by one",
-                    len(lost), cfg.worker_retries)
-        for table in _align_pass(lost, cfg, min(workers, len(lost)), 1, 0, logs):
-            seen.update(table["key"].to_pylist())
-            yield table
-        dead = [r for r in lost if r.key not in seen]
-        if dead:
-            yield worker_died_rejects(dead, cfg.source)
+    _run_pass(tasks, job, cfg, cfg.worker_retries, reporter, log_dir)
+    done = read_markers(job.out)
+    failed = [t for t in tasks if t["name"] not in done]
+    if not failed:
+        return
+    log.warning("prepare: align workers died on %d task(s) after %d retries; running their rows one by one",
+                len(failed), cfg.worker_retries)
+    rows = [r for t in failed for r in (isolation_tasks(t, []) if t["hi"] - t["lo"] > 1 else [t])]
+    _run_pass(rows, job, cfg, 0, reporter, log_dir)
+    done = read_markers(job.out)
+    for task in (t for t in rows if t["name"] not in done):
+        reporter.update(worker_died(job, task))
 
 
-def worker_died_rejects(rows: list[SourceRow], source: str) -> pa.Table:
-    detail = ("the align worker died on this row, alone in its block (a native crash in dlib or the image "
-              "decoder, or out of memory); logs/align-<pid>.log holds a crash's trace")
-    return pa.Table.from_pylist([{"key": r.key, "split": r.split, "source": source, "label": r.label,
-                                  "flags": r.flags, "reason": "worker_died", "detail": detail} for r in rows],
-                                schema=OUT_SCHEMA)
+def worker_died(job: BlockJob, task: dict) -> dict:
+    """Commit a one-row task whose worker died each time: its row becomes a `worker_died` reject."""
+    import pyarrow as pa
+
+    rows = [r for r in task_rows(job, task) if r is not None]
+    rejects = [reject_record(r, job.source, r.reason or "worker_died", r.detail or WORKER_DIED) for r in rows]
+    stats = {"name": task["name"], "block": task["block"], "lo": task["lo"], "hi": task["hi"],
+             "lines": task["hi"] - task["lo"], "rows_in": len(rows), "written": 0, "rejected": len(rows),
+             "splits": {}, "reasons": dict(Counter(r["reason"] for r in rejects)),
+             "subsets": {s: [] for s in job.subsets}, "fallbacks": []}
+    return write_task_output(job.out, task["name"], {}, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), stats)
 
 
-def _align_pass(rows: list[SourceRow], cfg: PrepareConfig, workers: int, batch: int, retries: int,
-                log_dir: str) -> Iterator[pa.Table]:
+def _run_pass(tasks: list[dict], job: BlockJob, cfg: PrepareConfig, retries: int, reporter: "Progress",
+              log_dir: str) -> None:
+    for stats in _stats_stream(tasks, job, cfg, retries, log_dir):
+        reporter.update(stats)
+
+
+def _stats_stream(tasks: list[dict], job: BlockJob, cfg: PrepareConfig, retries: int, log_dir: str) -> Iterator[dict]:
     import ray
 
-    table = rows_to_table(rows)
-    blocks = [table.slice(i, batch) for i in range(0, len(rows), batch)]
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.max_errored_blocks
-    ctx.execution_options.preserve_order = True  # same input, same shards
-    ctx.max_errored_blocks = -1  # a block whose worker died is skipped here and accounted by the caller
+    saved = ctx.max_errored_blocks, ctx.enable_progress_bars
+    ctx.max_errored_blocks = -1  # a task whose worker died is skipped here and run again by the caller
+    ctx.enable_progress_bars = False  # prepare prints its own progress lines
     try:
-        ds = ray.data.from_arrow(blocks).map_batches(
-            AlignBatch, fn_constructor_kwargs={"options": align_options(cfg), "source": cfg.source,
-                                               "jpeg_quality": cfg.jpeg_quality, "log_dir": log_dir},
-            batch_size=batch, batch_format="pyarrow", num_cpus=1, max_task_retries=retries,
-            compute=ray.data.ActorPoolStrategy(size=workers))
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+        ds = ds.map_batches(BlockPreparer, fn_constructor_kwargs={"job": job, "log_dir": log_dir}, batch_size=1,
+                            batch_format="pyarrow", num_cpus=1, max_task_retries=retries,
+                            compute=ray.data.ActorPoolStrategy(size=num_workers(cfg, len(tasks))))
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for stats in batch.column("stats").to_pylist():
+                yield json.loads(stats)
     finally:
-        ctx.execution_options.preserve_order, ctx.max_errored_blocks = saved
+        ctx.max_errored_blocks, ctx.enable_progress_bars = saved
+
+
+class Progress:
+    """A line every `every` blocks and at the end: blocks, rows, rows/s, ETA."""
+
+    def __init__(self, blocks: int, lines: int, every: int, emit: Callable[[str], None]):
+        self.blocks, self.lines, self.every, self.emit = blocks, lines, every, emit
+        self.done_blocks = self.done_lines = self.kept = self.kept_lines = self.tasks = 0
+        self.started = time.perf_counter()
+
+    def start(self, blocks: list[dict], done: dict[str, dict]) -> None:
+        self.kept = self.done_blocks = sum(b["name"] in done for b in blocks)
+        self.done_lines = self.kept_lines = sum(s["lines"] for s in done.values())
+        if done:
+            self.emit(f"prepare: resuming: {self.kept} block(s) of a killed run kept ({self.done_lines} rows)")
+
+    def update(self, stats: dict) -> None:
+        self.done_lines += stats["lines"]
+        self.tasks += 1
+        self.done_blocks += "-" not in stats["name"]  # one-row tasks of a failed block count as rows only
+        if self.tasks % self.every == 0 or self.done_lines >= self.lines:
+            self.emit(self.line())
+
+    def line(self) -> str:
+        seconds = time.perf_counter() - self.started
+        rate = (self.done_lines - self.kept_lines) / seconds if seconds > 0 else 0.0
+        left = self.lines - self.done_lines
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        pct = 100.0 * self.done_lines / self.lines if self.lines else 100.0
+        return (f"prepare: {self.done_blocks}/{self.blocks} blocks, {self.done_lines}/{self.lines} rows "
+                f"({pct:.0f}%), {rate:.1f} rows/s, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Output
+# Finalize: manifest from the markers
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _SplitState:
-    writer: pq.ParquetWriter | None = None
-    shards: int = 0
-    in_shard: int = 0
-    rows: int = 0
-    pending: list[pa.Table] = field(default_factory=list)
-    pending_rows: int = 0
-    labels: list[np.ndarray] = field(default_factory=list)
-    flags: list[np.ndarray] = field(default_factory=list)
+def finalize(work: OutputLocation, cfg: PrepareConfig, plan: SourcePlan, job: BlockJob, blocks: list[dict],
+             seconds: float) -> dict[str, Any]:
+    markers = committed_markers(work, blocks)
+    totals = _totals(work, markers, job)
+    if totals["lines"] != sum(b["hi"] for b in blocks):
+        raise RuntimeError(f"prepare: the blocks saw {totals['lines']} input lines, the plan has "
+                           f"{sum(b['hi'] for b in blocks)}: an input changed during the run")
+    if totals["rows_in"] != totals["written"] + totals["rejected"]:
+        raise RuntimeError(f"prepare lost rows: {totals['rows_in']} in, {totals['written']} written + "
+                           f"{totals['rejected']} rejected")
+    _merge_rejects(work, markers)
+    _remove_leftovers(work, markers)
+    _write_extras(work, cfg, plan)
+    return build_manifest(cfg, plan, totals, seconds)
 
 
-class ShardWriter:
-    """DIR/<split>/part-NNNNN.parquet, rows_per_shard rows each, in ROW_GROUP_ROWS row groups."""
-
-    def __init__(self, root: Path, rows_per_shard: int, num_classes: int, per_class: bool = True):
-        self.root = root
-        self.rows_per_shard = max(1, rows_per_shard)
-        self.num_classes = num_classes
-        self.per_class = per_class  # False for identities: millions of counts help nobody
-        self.splits: dict[str, _SplitState] = {}
-
-    def write(self, table: pa.Table) -> None:
-        for split in sorted(set(table.column("split").to_pylist())):
-            part = table.filter(pc.equal(table["split"], split))
-            st = self.splits.setdefault(split, _SplitState())
-            st.pending.append(part)
-            st.pending_rows += part.num_rows
-            st.labels.append(part.column("label").to_numpy())
-            st.flags.append(part.column("flags").to_numpy())
-            while st.pending_rows >= ROW_GROUP_ROWS:
-                self._flush(split, st, ROW_GROUP_ROWS)
-
-    def close(self) -> dict[str, dict[str, Any]]:
-        stats = {}
-        for split, st in sorted(self.splits.items()):
-            while st.pending_rows:
-                self._flush(split, st, min(ROW_GROUP_ROWS, st.pending_rows))
-            if st.writer is not None:
-                st.writer.close()
-            stats[split] = self._stats(st)
-        return stats
-
-    def _flush(self, split: str, st: _SplitState, n: int) -> None:
-        """Write the first n pending rows, rolling over to a new shard at rows_per_shard."""
-        pending = pa.concat_tables(st.pending)
-        while n > 0:
-            if st.writer is None or st.in_shard >= self.rows_per_shard:
-                self._next_shard(split, st)
-            take = min(n, self.rows_per_shard - st.in_shard)
-            st.writer.write_table(pending.slice(0, take), row_group_size=ROW_GROUP_ROWS)
-            pending = pending.slice(take)
-            st.in_shard += take
-            st.rows += take
-            st.pending_rows -= take
-            n -= take
-        st.pending = [pending] if pending.num_rows else []
-
-    def _next_shard(self, split: str, st: _SplitState) -> None:
-        if st.writer is not None:
-            st.writer.close()
-        path = self.root / split / f"part-{st.shards:05d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        st.writer = pq.ParquetWriter(path, SHARD_SCHEMA)
-        st.shards += 1
-        st.in_shard = 0
-
-    def _stats(self, st: _SplitState) -> dict[str, Any]:
-        labels = np.concatenate(st.labels) if st.labels else np.zeros(0, dtype=np.int32)
-        flags = np.concatenate(st.flags) if st.flags else np.zeros(0, dtype=np.int32)
-        marks = dict(SUBSET_FLAGS, align_fallback=FLAG_ALIGN_FALLBACK)
-        stats: dict[str, Any] = {"rows": st.rows, "shards": st.shards}
-        if self.per_class:
-            stats["per_class"] = np.bincount(labels[labels >= 0], minlength=self.num_classes).tolist()
-        else:
-            stats["per_class"] = []
-            stats["identities"] = int(np.unique(labels).size)
-        stats["flags"] = {name: int(((flags & bit) != 0).sum()) for name, bit in marks.items()}
-        return stats
+def committed_markers(work: OutputLocation, blocks: list[dict]) -> list[dict]:
+    """The markers that make up the output: each block's whole-block marker, or its one-row ones."""
+    done = read_markers(work)
+    by_block = row_parts(done)
+    chosen = []
+    for block in blocks:
+        if block["name"] in done:
+            chosen.append(done[block["name"]])
+            continue
+        parts = sorted(by_block.get(block["block"], []), key=lambda s: s["lo"])
+        covered = sorted(p for s in parts for p in range(s["lo"], s["hi"]))
+        if covered != list(range(block["lo"], block["hi"])):
+            raise RuntimeError(f"prepare: block {block['name']} was not completed")
+        chosen += parts
+    return chosen
 
 
-def build_manifest(cfg: PrepareConfig, read: SourceRead, splits: dict[str, dict], rejects: list[dict],
-                   subset_report: dict, seconds: float) -> dict[str, Any]:
-    written = sum(s["rows"] for s in splits.values())
-    rows_in = len(read.rows)
-    if rows_in != written + len(rejects):
-        raise RuntimeError(f"prepare lost rows: {rows_in} in, {written} written + {len(rejects)} rejected")
+def _totals(work: OutputLocation, index: list[dict], job: BlockJob) -> dict[str, Any]:
+    """The manifest's counts from the committed markers, read one at a time (memory: one marker plus
+    the identity sets, never all markers' label lists at once)."""
+    totals: dict[str, Any] = {"lines": 0, "rows_in": 0, "written": 0, "rejected": 0, "reasons": Counter(),
+                              "splits": {}, "subsets": {s: set() for s in job.subsets}, "fallbacks": []}
+    labels: dict[str, set[int]] = {}
+    for m in (read_marker(work, entry["name"]) for entry in index):
+        for key in ("lines", "rows_in", "written", "rejected"):
+            totals[key] += m[key]
+        if m["rows_in"] != m["written"] + m["rejected"]:
+            raise RuntimeError(f"prepare lost rows in task {m['name']}: {m['rows_in']} in, {m['written']} written "
+                               f"+ {m['rejected']} rejected")
+        totals["reasons"].update(m["reasons"])
+        for subset, names in m["subsets"].items():
+            totals["subsets"][subset].update(names)
+        totals["fallbacks"] += m["fallbacks"][:max(0, 20 - len(totals["fallbacks"]))]
+        for split, info in m["splits"].items():
+            st = totals["splits"].setdefault(split, {"rows": 0, "shards": 0, "per_class": [], "flags": Counter()})
+            st["rows"] += info["rows"]
+            st["shards"] += 1
+            st["flags"].update(info["flags"])
+            if job.per_class:
+                st["per_class"] = [a + b for a, b in zip(st["per_class"] or [0] * job.per_class, info["per_class"])]
+            else:
+                labels.setdefault(split, set()).update(info["labels"])
+    for split, st in totals["splits"].items():
+        st["flags"] = dict(st["flags"])
+        if not job.per_class:
+            st["identities"] = len(labels.get(split, ()))
+    totals["splits"] = dict(sorted(totals["splits"].items()))
+    return totals
+
+
+def _merge_rejects(work: OutputLocation, markers: list[dict]) -> None:
+    """rejects.parquet from the tasks' reject files, one file in memory at a time."""
+    with pq.ParquetWriter(work.path("rejects.parquet"), REJECT_SCHEMA, filesystem=work.fs) as writer:
+        for m in markers:
+            if m["rejects_file"]:
+                writer.write_table(work.read_table(m["rejects_file"]).cast(REJECT_SCHEMA))
+
+
+def _remove_leftovers(work: OutputLocation, markers: list[dict]) -> None:
+    """Shards of tasks that never committed (a worker killed mid-write) and the per-task files."""
+    keep = {f for m in markers for f in m["files"].values()}
+    for rel in work.files():
+        top = rel.split("/", 1)[0]
+        if top in (MARKERS, REJECT_PARTS) or ("/part-" in rel and rel not in keep):
+            work.delete(rel)
+    for folder in (MARKERS, REJECT_PARTS):
+        work.delete_dir(folder)
+
+
+def build_manifest(cfg: PrepareConfig, plan: SourcePlan, totals: dict, seconds: float) -> dict[str, Any]:
     expressions = cfg.source in EXPRESSION_SOURCES
+    subsets = {s: {"listed": len(load_list(p)), "matched": len(totals["subsets"][s]),
+                   "unmatched": len(load_list(p)) - len(totals["subsets"][s])} for s, p in cfg.subset_lists.items()}
     return {
         "schema_version": SCHEMA_VERSION,
         "source": cfg.source,
-        "num_classes": _num_classes(cfg.source, read),
+        "num_classes": len(CLASS_NAMES) if expressions else len(plan.class_names),
         # Identity sources can hold millions of names: those go to identities.txt instead.
-        "class_names": list(read.class_names) if expressions else [],
+        "class_names": list(plan.class_names) if expressions else [],
         "label_mode": cfg.label_mode,
-        "splits": splits,
-        "rows_in": rows_in,
-        "rows_written": written,
-        "rows_rejected": len(rejects),
-        "rejects_by_reason": dict(Counter(r["reason"] for r in rejects).most_common()),
-        "subset_lists": subset_report,
+        "splits": totals["splits"],
+        "rows_in": totals["rows_in"],
+        "rows_written": totals["written"],
+        "rows_rejected": totals["rejected"],
+        "rejects_by_reason": dict(totals["reasons"].most_common()),
+        "subset_lists": subsets,
         "face_size": FACE_SIZE,
         "detector": cfg.detector,
-        "reader": read.extra,
+        "reader": plan.extra,
+        "align_fallback_examples": totals["fallbacks"],
         "seconds": round(seconds, 2),
         "config": to_dict(cfg),
         "code_version": code_version(),
@@ -471,13 +529,13 @@ def build_manifest(cfg: PrepareConfig, read: SourceRead, splits: dict[str, dict]
     }
 
 
-def _write_extras(tmp: Path, cfg: PrepareConfig, read: SourceRead) -> None:
+def _write_extras(work: OutputLocation, cfg: PrepareConfig, plan: SourcePlan) -> None:
     """Identity names (index = label) and verification pairs files travel with the shards."""
     if cfg.source in EXPRESSION_SOURCES:
         return
-    (tmp / "identities.txt").write_text("".join(f"{name}\n" for name in read.class_names))
-    for i, pairs in enumerate(read.extra.get("pairs_files", [])):
-        shutil.copyfile(pairs, tmp / ("pairs.txt" if i == 0 else f"pairs-{i}.txt"))
+    work.write_bytes("identities.txt", "".join(f"{name}\n" for name in plan.class_names).encode())
+    for i, pairs in enumerate(plan.extra.get("pairs_files", [])):
+        work.write_bytes("pairs.txt" if i == 0 else f"pairs-{i}.txt", Path(pairs).read_bytes())
 
 
 def _summary(out: Path, manifest: dict) -> PrepareSummary:
@@ -486,8 +544,8 @@ def _summary(out: Path, manifest: dict) -> PrepareSummary:
         rows_rejected=manifest["rows_rejected"],
         split_rows={s: v["rows"] for s, v in manifest["splits"].items()},
         rejects_by_reason=manifest["rejects_by_reason"],
-        align_fallback=sum(v["flags"]["align_fallback"] for v in manifest["splits"].values()),
-        seconds=manifest["seconds"])
+        align_fallback=sum(v["flags"].get("align_fallback", 0) for v in manifest["splits"].values()),
+        seconds=manifest["seconds"], resumed_blocks=manifest.get("resumed_blocks", 0))
 
 
 def code_version() -> str:
@@ -496,10 +554,10 @@ def code_version() -> str:
     version = ranray.__version__
     try:
         repo = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
+        commit_id = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return version
-    return f"{version}+{commit}{'.dirty' if dirty else ''}" if commit else version
+    return f"{version}+{commit_id}{'.dirty' if dirty else ''}" if commit_id else version

@@ -1,4 +1,5 @@
-"""Streaming access to a prepared split: a light index, per-epoch orders, per-rank plans, a block reader.
+"""Streaming access to a prepared split (a light index, per-epoch orders, per-rank plans, a block
+reader), and the write side that prepare's workers use (OutputLocation, per-task shards and markers).
 
 Nothing here loads a whole split. The index holds, per Parquet row group ("block"), the selected row
 numbers (int32) and nothing per row beyond that: keys, labels and images stay on disk until a batch
@@ -14,8 +15,10 @@ Evaluation keeps the stored order.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,3 +327,124 @@ def _gather_targets(n: int, parts: list[tuple[np.ndarray, np.ndarray | None]]) -
 def ensure_split(index: SplitIndex, data_dir: str | Path, split: str) -> None:
     if not index.blocks and index.bad_shards:
         raise DatasetError(f"{data_dir}: every shard of split '{split}' is unreadable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Write side: prepare's workers write their blocks' shards, rejects and commit markers
+# ---------------------------------------------------------------------------------------------
+
+ROW_GROUP_ROWS = 256  # the loader shuffles whole row groups; 256 faces is ~1.5 MB of JPEG
+MARKERS = "blocks"  # <task>.json: a task's statistics, written last: the task is committed
+REJECT_PARTS = "rejects"  # <task>.parquet: a task's rejects, merged into rejects.parquet at the end
+
+
+class OutputLocation:
+    """A folder on a pyarrow filesystem: a local path, or a URI such as s3://bucket/dataset.
+
+    Writes are atomic where the filesystem renames (local: temp file + rename); an object store's
+    PUT is atomic by itself. Paths are relative to the folder, with "/" separators.
+    """
+
+    def __init__(self, where: str):
+        import pyarrow.fs as pafs
+
+        if "://" in where:
+            self.fs, self.root = pafs.FileSystem.from_uri(where)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(where).absolute())
+        self.where = where
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __reduce__(self):
+        return OutputLocation, (self.where,)
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def files(self, rel: str = "") -> list[str]:
+        """Files under rel (recursive), relative to this folder, sorted."""
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True))
+        start = len(self.root) + 1
+        return sorted(i.path[start:] for i in infos if i.type == pafs.FileType.File)
+
+    def mkdir(self, rel: str = "") -> None:
+        self.fs.create_dir(self.path(rel), recursive=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._atomic(rel, lambda target: self._put(target, data))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        self._atomic(rel, lambda target: pq.write_table(table, target, filesystem=self.fs,
+                                                        row_group_size=ROW_GROUP_ROWS))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_table(self, rel: str) -> pa.Table:
+        return pq.read_table(self.path(rel), filesystem=self.fs)
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
+
+    def delete_dir(self, rel: str = "") -> None:
+        if self.exists(rel):
+            self.fs.delete_dir(self.path(rel))
+
+    def _put(self, target: str, data: bytes) -> None:
+        with self.fs.open_output_stream(target) as f:
+            f.write(data)
+
+    def _atomic(self, rel: str, write) -> None:
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if not self.local:
+            write(target)
+            return
+        tmp = f"{target}.tmp-{os.getpid()}"
+        write(tmp)
+        self.fs.move(tmp, target)
+
+
+def shard_name(split: str, task: str) -> str:
+    return f"{split}/part-{task}.parquet"
+
+
+def write_task_output(out: OutputLocation, task: str, shards: dict[str, pa.Table], rejects: pa.Table,
+                      stats: dict) -> dict:
+    """A task's shards (one per split), its rejects, then its marker: the marker commits the task."""
+    files = {}
+    for split, table in sorted(shards.items()):
+        files[split] = shard_name(split, task)
+        out.write_table(files[split], table)
+    stats = dict(stats, files=files, rejects_file="")
+    if rejects.num_rows:
+        stats["rejects_file"] = f"{REJECT_PARTS}/{task}.parquet"
+        out.write_table(stats["rejects_file"], rejects)
+    out.write_bytes(f"{MARKERS}/{task}.json", json.dumps(stats).encode())
+    return stats
+
+
+MARKER_INDEX = ("name", "block", "lo", "hi", "lines", "files", "rejects_file")  # what tracking a run needs
+
+
+def read_markers(out: OutputLocation, keys: tuple[str, ...] | None = MARKER_INDEX) -> dict[str, dict]:
+    """Committed tasks: task name -> its statistics (only `keys` of them; None: all). The full
+    statistics carry per-block label lists: read_marker them one at a time."""
+    markers = {}
+    for rel in out.files(MARKERS):
+        if rel.endswith(".json"):
+            stats = json.loads(out.read_bytes(rel))
+            markers[stats["name"]] = stats if keys is None else {k: stats[k] for k in keys}
+    return markers
+
+
+def read_marker(out: OutputLocation, task: str) -> dict:
+    return json.loads(out.read_bytes(f"{MARKERS}/{task}.json"))

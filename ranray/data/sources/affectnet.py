@@ -10,12 +10,14 @@ set is the test set of the papers; point TrainConfig.data.test_split at "val" to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_LANDMARKS
 from ranray.data.sources.common import (CLASS_TABLES, EXCLUDED_CODES, SourceError, SourceRead, SourceRow,
-                                        one_hot, read_csv, require_dir, require_file)
+                                        one_hot, parse_csv_line, read_header, require_dir, require_file)
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
 
 COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
            "expression")
@@ -35,16 +37,33 @@ def resolve(inputs: list[str]) -> tuple[list[Path], Path]:
     return csvs, require_dir(images, "AffectNet image folder")
 
 
-def read_affectnet(inputs: list[str]) -> SourceRead:
+def plan_affectnet(inputs: list[str]) -> SourcePlan:
     csvs, folder = resolve(inputs)
-    rows = []
+    groups, columns = [], []
     for path in csvs:
-        header, body = read_csv(path, COLUMNS)
-        col = {name: header.index(name) for name in COLUMNS}
-        split = STEM_TO_SPLIT[path.stem.lower()]
-        rows += [_row(r, i + 2, path, col, split, folder) for i, r in enumerate(body)]
-    return SourceRead(rows=rows, class_names=list(CLASS_NAMES),
+        header = read_header(path, COLUMNS)
+        columns.append({name: header.index(name) for name in COLUMNS})
+        groups.append(LineGroup((str(path),), skip=1))
+    splits = [STEM_TO_SPLIT[p.stem.lower()] for p in csvs]
+    return SourcePlan(groups=groups, parser=AffectNetParser(tuple(str(p) for p in csvs), tuple(columns), tuple(splits), str(folder)),
+                      class_names=list(CLASS_NAMES), rows=count_lines(groups),
                       extra={"files": [str(p) for p in csvs], "image_folder": str(folder)})
+
+
+def read_affectnet(inputs: list[str]) -> SourceRead:
+    return read_all(plan_affectnet(inputs))
+
+
+@dataclass(frozen=True)
+class AffectNetParser:
+    files: tuple[str, ...]
+    columns: tuple[dict[str, int], ...]  # per csv: column name -> index
+    splits: tuple[str, ...]  # per csv
+    folder: str
+
+    def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow:
+        return _row(parse_csv_line(texts[0]), line, Path(self.files[group]), self.columns[group],
+                    self.splits[group], Path(self.folder))
 
 
 def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, folder: Path) -> SourceRow:
@@ -78,6 +97,10 @@ def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, f
         # Given landmarks are a fallback for a failed predictor fit; a malformed list is ignored.
         row.landmarks = marks if len(marks) == 2 * NUM_LANDMARKS else []
     return row
+
+
+def plan(cfg) -> SourcePlan:
+    return plan_affectnet(cfg.inputs)
 
 
 def read(cfg) -> SourceRead:

@@ -1,19 +1,20 @@
 """What every dataset reader produces: uniform SourceRows, plus the shared class-order table.
 
-Readers run in the driver, before Ray starts, so that structural problems (a missing column, a
-missing file, an unknown class folder) stop the job with a message naming the file. Problems of a
-single row (bad votes, an excluded class, a non-face row) never stop it: the row carries a reject
-reason and ends up in rejects.parquet.
+Readers plan in the driver, before Ray starts, so that structural problems (a missing column, a
+missing file, an unknown class folder) stop the job with a message naming the file; the rows
+themselves are parsed by the workers (ranray.data.sources.lines). Problems of a single row (bad
+votes, an excluded class, a non-face row, a line that is not UTF-8) never stop it: the row carries
+a reject reason and ends up in rejects.parquet.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow as pa
 
 from ranray.config import CLASS_NAMES, ConfigError
 
@@ -55,28 +56,6 @@ class SourceRow:
     flags: int = 0
     reason: str = ""  # set by the reader when the row is rejected before alignment
     detail: str = ""
-
-
-# The Arrow schema of rows travelling from the driver into the Ray Data actors.
-ROW_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("split", pa.string()),
-    ("label", pa.int32()),
-    ("target", pa.list_(pa.float32())),
-    ("votes", pa.list_(pa.int16())),
-    ("image_kind", pa.string()),
-    ("path", pa.string()),
-    ("pixels", pa.string()),
-    ("offset", pa.int64()),
-    ("box", pa.list_(pa.float32())),
-    ("landmarks", pa.list_(pa.float32())),
-    ("flags", pa.int32()),
-])
-
-
-def rows_to_table(rows: list[SourceRow]) -> pa.Table:
-    columns = {name: [getattr(r, name) for r in rows] for name in ROW_SCHEMA.names}
-    return pa.table(columns, schema=ROW_SCHEMA)
 
 
 @dataclass
@@ -127,25 +106,38 @@ def require_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], Iterator[list[str]]]:
-    """The header and a row iterator; a missing column is an error naming the file and column."""
-    handle = path.open(newline="", encoding="utf-8-sig")
-    reader = csv.reader(handle)
-    header = [h.strip() for h in next(reader, [])]
+def read_header(path: Path, required: tuple[str, ...]) -> list[str]:
+    """A csv file's header line (the rest is not read); a missing column is an error naming the file and column."""
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        header = [h.strip() for h in parse_csv_line(first.decode("utf-8-sig").rstrip("\r\n"))]
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: the header line is not UTF-8 ({err})") from None
     missing = [c for c in required if c not in header]
     if missing:
-        handle.close()
         raise SourceError(f"{path}: missing column(s) {missing} (header: {header})")
+    return header
 
-    def rows() -> Iterator[list[str]]:
-        with handle:
-            yield from reader
 
-    return header, rows()
+def parse_csv_line(text: str) -> list[str]:
+    return next(csv.reader([text]), [])
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return [folder / rel for rel in walk_images(folder)]
+
+
+def walk_images(folder: Path, prefix: str = "") -> Iterator[str]:
+    """Image files under folder as relative paths, depth first in sorted order; one directory's
+    names in memory at a time (an identity set's listing never is)."""
+    with os.scandir(folder) as it:
+        entries = sorted((e.name, e.is_dir()) for e in it)
+    for name, is_dir in entries:
+        if is_dir:
+            yield from walk_images(folder / name, f"{prefix}{name}/")
+        elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield prefix + name
 
 
 def one_hot(label: int, num_classes: int = len(CLASS_NAMES)) -> list[float]:

@@ -9,13 +9,15 @@ top class is `unknown` or `NF` (non-face) is dropped, here as a reject with a re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_VOTES
-from ranray.data.sources.common import (IMAGE_PIXELS, SourceError, SourceRead, SourceRow, read_csv,
-                                        require_dir, require_file)
+from ranray.data.sources.common import (IMAGE_PIXELS, SourceError, SourceRead, SourceRow, parse_csv_line,
+                                        read_header, require_dir, require_file)
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
 
 FER_COLUMNS = ("pixels", "Usage")
 VOTE_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
@@ -23,6 +25,7 @@ VOTE_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust
 FERPLUS_COLUMNS = ("Usage", "Image name") + VOTE_COLUMNS
 assert VOTE_COLUMNS[:len(CLASS_NAMES)] == CLASS_NAMES and len(VOTE_COLUMNS) == NUM_VOTES
 UNKNOWN, NOT_FACE = 8, 9
+MISALIGNED = "misaligned_row"
 
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 EVAL_MODE = "majority"  # the FERPlus authors evaluate every mode against majority labels
@@ -122,19 +125,34 @@ def find_files(inputs: list[str]) -> tuple[Path, Path]:
     return paths[1 - has_names.index(True)], new
 
 
-def read_ferplus(inputs: list[str], label_mode: str = "majority") -> SourceRead:
+def plan_ferplus(inputs: list[str], label_mode: str = "majority") -> SourcePlan:
     fer_path, new_path = find_files(inputs)
-    fer_header, fer_rows = read_csv(fer_path, FER_COLUMNS)
-    new_header, new_rows = read_csv(new_path, FERPLUS_COLUMNS)
-    fer = list(fer_rows)
-    new = list(new_rows)
-    if len(fer) != len(new):
-        raise SourceError(f"{fer_path} has {len(fer)} rows but {new_path} has {len(new)}; "
-                          "FERPlus files are aligned row by row")
-    cols = _Columns(fer_header, new_header)
-    rows = [_row(i, f, n, cols, label_mode, fer_path, new_path) for i, (f, n) in enumerate(zip(fer, new))]
-    return SourceRead(rows=rows, class_names=list(CLASS_NAMES),
+    cols = _Columns(read_header(fer_path, FER_COLUMNS), read_header(new_path, FERPLUS_COLUMNS))
+    group = LineGroup((str(fer_path), str(new_path)), skip=1)
+    return SourcePlan(groups=[group], parser=FerplusParser(str(fer_path), str(new_path), cols, label_mode),
+                      class_names=list(CLASS_NAMES), rows=count_lines([group]),
                       extra={"files": [str(fer_path), str(new_path)], "eval_label_mode": EVAL_MODE})
+
+
+def read_ferplus(inputs: list[str], label_mode: str = "majority") -> SourceRead:
+    """All rows at once; files that are out of step are an error here (prepare rejects such rows)."""
+    read = read_all(plan_ferplus(inputs, label_mode))
+    for row in read.rows:
+        if row.reason == MISALIGNED:
+            raise SourceError(row.detail)
+    return read
+
+
+@dataclass(frozen=True)
+class FerplusParser:
+    fer_path: str
+    new_path: str
+    cols: "_Columns"
+    label_mode: str
+
+    def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow:
+        fer, new = (parse_csv_line(t) for t in texts)
+        return _row(line - 2, fer, new, self.cols, self.label_mode, Path(self.fer_path), Path(self.new_path))
 
 
 class _Columns:
@@ -158,8 +176,8 @@ def _row(i: int, fer: list[str], new: list[str], cols: _Columns, label_mode: str
     row = SourceRow(key=name or f"row{i:06d}", split=USAGE_TO_SPLIT.get(usage, usage or "unknown"),
                     image_kind=IMAGE_PIXELS, pixels=_field(fer, cols.pixels))
     if _field(fer, cols.fer_usage) != usage:
-        raise SourceError(f"{fer_path} line {line} has Usage '{_field(fer, cols.fer_usage)}' but {new_path} "
-                          f"has '{usage}': the files are not aligned row by row")
+        return _reject(row, MISALIGNED, f"{fer_path} line {line} has Usage '{_field(fer, cols.fer_usage)}' but "
+                                        f"{new_path} has '{usage}': the files are not aligned row by row")
     try:
         row.votes = [int(float(_field(new, c))) for c in cols.votes]
     except ValueError:
@@ -180,6 +198,11 @@ def _row(i: int, fer: list[str], new: list[str], cols: _Columns, label_mode: str
 def _reject(row: SourceRow, reason: str, detail: str) -> SourceRow:
     row.reason, row.detail = reason, detail
     return row
+
+
+def plan(cfg) -> SourcePlan:
+    """The planner registry's entry point (cfg: PrepareConfig)."""
+    return plan_ferplus(cfg.inputs, cfg.label_mode)
 
 
 def read(cfg) -> SourceRead:

@@ -8,16 +8,18 @@ test_); RAF-DB has no validation split. The aligned images (100x100, file names 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ranray.config import CLASS_NAMES
 from ranray.data.sources.common import (CLASS_TABLES, SourceError, SourceRead, SourceRow, one_hot,
                                         require_dir, require_file)
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
 
 LIST_NAME = "list_patition_label.txt"  # sic: the dataset's own spelling
 PREFIX_TO_SPLIT = {"train": "train", "test": "test"}
 # Which image folder fits which detector when the input is the dataset root.
-IMAGE_FOLDERS = {"given": "aligned", "hog": "original", "cnn": "original"}
+IMAGE_FOLDERS = {"given": "aligned", "none": "aligned", "hog": "original", "cnn": "original"}
 
 
 def resolve(inputs: list[str], detector: str) -> tuple[Path, Path]:
@@ -44,16 +46,26 @@ def image_path(folder: Path, name: str) -> Path:
     return folder / f"{stem}_aligned{dot}{ext}"
 
 
-def read_rafdb(inputs: list[str], detector: str = "given") -> SourceRead:
+def plan_rafdb(inputs: list[str], detector: str = "given") -> SourcePlan:
     list_path, folder = resolve(inputs, detector)
-    table = CLASS_TABLES["rafdb"]
-    rows = []
-    for line_no, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        rows.append(_row(line, line_no, list_path, folder, table))
-    return SourceRead(rows=rows, class_names=list(CLASS_NAMES),
-                      extra={"files": [str(list_path)], "image_folder": str(folder)})
+    group = LineGroup((str(list_path),))
+    return SourcePlan(groups=[group], parser=RafdbParser(str(list_path), str(folder)), class_names=list(CLASS_NAMES),
+                      rows=count_lines([group]), extra={"files": [str(list_path)], "image_folder": str(folder)})
+
+
+def read_rafdb(inputs: list[str], detector: str = "given") -> SourceRead:
+    return read_all(plan_rafdb(inputs, detector))
+
+
+@dataclass(frozen=True)
+class RafdbParser:
+    list_path: str
+    folder: str
+
+    def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow | None:
+        if not texts[0].strip():
+            return None
+        return _row(texts[0], line, Path(self.list_path), Path(self.folder), CLASS_TABLES["rafdb"])
 
 
 def _row(line: str, line_no: int, list_path: Path, folder: Path, table: dict[int, int]) -> SourceRow:
@@ -72,6 +84,10 @@ def _row(line: str, line_no: int, list_path: Path, folder: Path, table: dict[int
         row.label = table[int(parts[1])]
         row.target = one_hot(row.label)
     return row
+
+
+def plan(cfg) -> SourcePlan:
+    return plan_rafdb(cfg.inputs, cfg.detector)
 
 
 def read(cfg) -> SourceRead:

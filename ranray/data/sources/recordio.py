@@ -21,7 +21,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -310,3 +310,25 @@ def _identity_ranges(sorted_labels: list[int]) -> list[tuple[int, int]]:
         else:
             ranges[-1] = (ranges[-1][0], key + 1)
     return ranges
+
+
+def write_sorted_recordio(prefix: str | os.PathLike, counts: Sequence[int],
+                          image: Callable[[int, int], bytes]) -> tuple[Path, Path]:
+    """face2rec's layout, streamed (nothing kept per image): identity i has counts[i] images, the j-th
+    of which is image(i, j). For benchmarks and tests at scale; write_identity_recordio for given samples."""
+    prefix = Path(prefix)
+    rec, idx = prefix.with_suffix(".rec"), prefix.with_suffix(".idx")
+    total = int(sum(counts))
+    first_id_key = total + 1
+    with RecordIOWriter(rec, idx) as w:
+        w.write_idx(0, pack(IRHeader(2, np.array([first_id_key, first_id_key + len(counts)], "f4")), b""))
+        key = 1
+        for identity, count in enumerate(counts):
+            for j in range(count):
+                w.write_idx(key, pack(IRHeader(0, float(identity), key, 0), image(identity, j)))
+                key += 1
+        start = 1
+        for i, count in enumerate(counts):
+            w.write_idx(first_id_key + i, pack(IRHeader(2, np.array([start, start + count], "f4")), b""))
+            start += count
+    return rec, idx

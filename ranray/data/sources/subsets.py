@@ -18,17 +18,20 @@ def load_list(path: str) -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
+def mark_row(row: SourceRow, subsets: dict[str, set[str]], matched: dict[str, set[str]]) -> None:
+    """Set the row's flag bits for every subset whose names list it; note the names that matched."""
+    for subset, names in subsets.items():
+        hit = row.key if row.key in names else PurePath(row.key).name
+        if hit in names:
+            row.flags |= SUBSET_FLAGS[subset]
+            matched.setdefault(subset, set()).add(hit)
+
+
 def mark_subsets(rows: list[SourceRow], subset_lists: dict[str, str]) -> dict[str, dict[str, int]]:
     """Set the flag bits in place; returns {subset: {"listed", "matched", "unmatched"}}."""
-    report = {}
-    for subset, path in subset_lists.items():
-        names = load_list(path)
-        bit = SUBSET_FLAGS[subset]
-        matched: set[str] = set()
-        for row in rows:
-            hit = row.key if row.key in names else PurePath(row.key).name
-            if hit in names:
-                row.flags |= bit
-                matched.add(hit)
-        report[subset] = {"listed": len(names), "matched": len(matched), "unmatched": len(names - matched)}
-    return report
+    subsets = {subset: load_list(path) for subset, path in subset_lists.items()}
+    matched: dict[str, set[str]] = {s: set() for s in subsets}
+    for row in rows:
+        mark_row(row, subsets, matched)
+    return {s: {"listed": len(names), "matched": len(matched[s]), "unmatched": len(names - matched[s])}
+            for s, names in subsets.items()}
