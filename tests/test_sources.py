@@ -255,7 +255,7 @@ def test_subset_lists_set_flags_by_key_or_file_name(tmp_path):
     (tmp_path / "pose.txt").write_text("train/happy/b.png\n")
     report = mark_subsets(rows, {"occlusion": str(tmp_path / "occ.txt"), "pose30": str(tmp_path / "pose.txt")})
     assert {r.key: r.flags for r in rows} == {"train/happy/a.png": FLAG_OCCLUSION, "train/happy/b.png": FLAG_POSE30}
-    assert report["occlusion"] == {"listed": 2, "matched": 1, "unmatched": 1}
+    assert report["occlusion"] == {"listed": 2, "matched": 1, "unmatched": 1, "unmatched_examples": ["not-there"]}
     with pytest.raises(SourceError, match="subset list not found"):
         mark_subsets(rows, {"pose45": str(tmp_path / "nope.txt")})
 

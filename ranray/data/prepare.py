@@ -39,7 +39,7 @@ from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_
 from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_markers, write_task_output
 from ranray.data.sources import PLANNERS, SourcePlan
 from ranray.data.sources.lines import cut
-from ranray.data.sources.subsets import load_list
+from ranray.data.sources.subsets import load_list, subset_report
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
 from ranray.ray_runtime import ensure_ray
 
@@ -497,8 +497,7 @@ def _remove_leftovers(work: OutputLocation, markers: list[dict]) -> None:
 
 def build_manifest(cfg: PrepareConfig, plan: SourcePlan, totals: dict, seconds: float) -> dict[str, Any]:
     expressions = cfg.source in EXPRESSION_SOURCES
-    subsets = {s: {"listed": len(load_list(p)), "matched": len(totals["subsets"][s]),
-                   "unmatched": len(load_list(p)) - len(totals["subsets"][s])} for s, p in cfg.subset_lists.items()}
+    subsets = subset_report({s: load_list(p) for s, p in cfg.subset_lists.items()}, totals["subsets"])
     return {
         "schema_version": SCHEMA_VERSION,
         "source": cfg.source,

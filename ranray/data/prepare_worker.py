@@ -29,6 +29,7 @@ from ranray.data.sources import RowReject, SourceRow
 from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD
 from ranray.data.sources.lines import LineGroup, RowParser, parse_line, segment_lines
 from ranray.data.sources.recordio import RecordIOError, read_record_at, unpack
+from ranray.data.sources.subsets import mark_row
 
 MIN_IMAGE_SIDE = 16  # smaller "images" hold no face worth aligning
 FER_SIDE = 48  # FER2013 pixels rows are 48x48
@@ -201,14 +202,6 @@ def _parse(job: BlockJob, gi: int, line: int, raw: tuple[bytes, ...]) -> SourceR
                          detail=f"{where} line {line}: {type(err).__name__}: {err}")
 
 
-def mark_subsets(row: SourceRow, subsets: dict[str, set[str]], matched: dict[str, set[str]]) -> None:
-    for subset, names in subsets.items():
-        hit = row.key if row.key in names else PurePath(row.key).name
-        if hit in names:
-            row.flags |= SUBSET_FLAGS[subset]
-            matched[subset].add(hit)
-
-
 def reject_record(row: SourceRow | dict, source: str, reason: str, detail: str) -> dict:
     get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
     return {"key": get("key"), "source": source, "split": get("split"), "reason": reason, "detail": detail}
@@ -235,7 +228,7 @@ def run_task(job: BlockJob, maker, task: dict) -> dict:
         lines += 1
         if row is None:
             continue
-        mark_subsets(row, job.subsets, matched)
+        mark_row(row, job.subsets, matched)
         if row.reason:
             rejects.append(reject_record(row, job.source, row.reason, row.detail))
             continue
