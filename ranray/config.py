@@ -245,6 +245,7 @@ class PrepareConfig:
     # flagged (True), or rejected as "landmark_implausible" (False) for users who want only fitted faces.
     align_fallback: bool = True
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
+    affectnet_classes: Literal[7, 8] = 8  # AffectNet's published class sets: 8, or 7 without contempt
     num_workers: int = 0  # 0: one actor per CPU Ray has
     worker_retries: int = 2  # a block whose actor died is retried on a fresh actor this many times
     # Unused since prepare runs whole blocks per task (rows_per_shard); kept only so that job files

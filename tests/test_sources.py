@@ -173,16 +173,18 @@ def test_ferplus_bad_votes_row_is_a_reject(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_rafdb_labels_map_to_project_order(tmp_path):
+def test_rafdb_is_seven_way_in_its_own_label_order(tmp_path):
     root = tmp_path / "basic"
     (root / "EmoLabel").mkdir(parents=True)
     (root / "Image" / "aligned").mkdir(parents=True)
     lines = [f"train_{i:05d}.jpg {code}" for i, code in enumerate(range(1, 8), start=1)]
     lines += ["test_0001.jpg 9", "val_0001.jpg 1"]
     (root / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
-    rows = read_rafdb([str(root)], "given").rows
-    names = [CLASS_NAMES[r.label] for r in rows[:7]]
-    assert names == ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]
+    read = read_rafdb([str(root)], "given")
+    rows = read.rows
+    assert read.class_names == ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]
+    assert [r.label for r in rows[:7]] == list(range(7))  # RAF-DB's own 7-way order
+    assert rows[3].target == [0, 0, 0, 1.0, 0, 0, 0]
     assert rows[0].path.endswith("Image/aligned/train_00001_aligned.jpg") and rows[0].split == "train"
     assert (rows[7].reason, rows[8].reason) == ("bad_label", "bad_split")
 
@@ -206,11 +208,16 @@ def test_affectnet_box_landmarks_and_excluded_classes(tmp_path):
         ["1/c.jpg", "10", "20", "100", "110", marks, "10", "0", "0"],
         ["1/d.jpg", "10", "20", "100", "110", "1;2", "7", "0", "0"],
     ])
-    rows = read_affectnet([str(path)]).rows
-    assert CLASS_NAMES[rows[0].label] == "sadness" and rows[0].split == "val"
+    read = read_affectnet([str(path)])
+    rows = read.rows
+    assert read.class_names == ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt"]
+    assert read.class_names[rows[0].label] == "sadness" and rows[0].label == 2 and rows[0].split == "val"
     assert rows[0].box == [10.0, 20.0, 110.0, 130.0] and len(rows[0].landmarks) == 136
     assert (rows[1].reason, rows[2].reason) == ("label_none", "label_no_face")
-    assert CLASS_NAMES[rows[3].label] == "contempt" and rows[3].landmarks == []  # malformed: ignored
+    assert read.class_names[rows[3].label] == "contempt" and rows[3].landmarks == []  # malformed: ignored
+    seven = read_affectnet([str(path)], num_classes=7)
+    assert len(seven.class_names) == 7 and "contempt" not in seven.class_names
+    assert seven.rows[3].reason == "label_contempt" and seven.rows[0].target == [0, 0, 1.0, 0, 0, 0, 0]
 
 
 def test_affectnet_missing_column_names_the_file(tmp_path):
@@ -255,7 +262,7 @@ def test_subset_lists_set_flags_by_key_or_file_name(tmp_path):
     (tmp_path / "pose.txt").write_text("train/happy/b.png\n")
     report = mark_subsets(rows, {"occlusion": str(tmp_path / "occ.txt"), "pose30": str(tmp_path / "pose.txt")})
     assert {r.key: r.flags for r in rows} == {"train/happy/a.png": FLAG_OCCLUSION, "train/happy/b.png": FLAG_POSE30}
-    assert report["occlusion"] == {"listed": 2, "matched": 1, "unmatched": 1}
+    assert report["occlusion"] == {"listed": 2, "matched": 1, "unmatched": 1, "unmatched_examples": ["not-there"]}
     with pytest.raises(SourceError, match="subset list not found"):
         mark_subsets(rows, {"pose45": str(tmp_path / "nope.txt")})
 

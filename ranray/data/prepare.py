@@ -32,14 +32,14 @@ from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
 
-from ranray.config import CLASS_NAMES, ConfigError, PrepareConfig, to_dict
+from ranray.config import ConfigError, PrepareConfig, to_dict
 from ranray.data.align import AlignOptions
 from ranray.data.prepare_worker import BlockJob, BlockPreparer, reject_record, task_rows
 from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_FLAGS
 from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_marker, read_markers, write_task_output
 from ranray.data.sources import PLANNERS, SourcePlan
 from ranray.data.sources.lines import cut
-from ranray.data.sources.subsets import load_list
+from ranray.data.sources.subsets import load_list, subset_report
 from ranray.data.synth import SynthOptions, SynthResult, synthesize
 from ranray.ray_runtime import ensure_ray
 
@@ -245,7 +245,7 @@ def _plan(cfg: PrepareConfig, work: OutputLocation) -> tuple[SourcePlan, list[di
 def _job(cfg: PrepareConfig, plan: SourcePlan, work: OutputLocation) -> BlockJob:
     return BlockJob(source=cfg.source, groups=plan.groups, parser=plan.parser, out=work, options=align_options(cfg),
                     quality=cfg.jpeg_quality, resize=cfg.resize,
-                    per_class=len(CLASS_NAMES) if cfg.source in EXPRESSION_SOURCES else 0,
+                    per_class=len(plan.class_names) if cfg.source in EXPRESSION_SOURCES else 0,
                     subsets={s: load_list(p) for s, p in cfg.subset_lists.items()})
 
 
@@ -503,12 +503,11 @@ def _remove_leftovers(work: OutputLocation, markers: list[dict]) -> None:
 
 def build_manifest(cfg: PrepareConfig, plan: SourcePlan, totals: dict, seconds: float) -> dict[str, Any]:
     expressions = cfg.source in EXPRESSION_SOURCES
-    subsets = {s: {"listed": len(load_list(p)), "matched": len(totals["subsets"][s]),
-                   "unmatched": len(load_list(p)) - len(totals["subsets"][s])} for s, p in cfg.subset_lists.items()}
+    subsets = subset_report({s: load_list(p) for s, p in cfg.subset_lists.items()}, totals["subsets"])
     return {
         "schema_version": SCHEMA_VERSION,
         "source": cfg.source,
-        "num_classes": len(CLASS_NAMES) if expressions else len(plan.class_names),
+        "num_classes": len(plan.class_names),  # the dataset's own class set (RAF-DB 7, AffectNet 7 or 8)
         # Identity sources can hold millions of names: those go to identities.txt instead.
         "class_names": list(plan.class_names) if expressions else [],
         "label_mode": cfg.label_mode,

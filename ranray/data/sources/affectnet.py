@@ -2,8 +2,10 @@
 
 Columns: subDirectory_filePath, face_x, face_y, face_width, face_height, facial_landmarks
 ("x;y;x;y;..." 136 values), expression (0..10), valence, arousal. Images live under
-Manually_Annotated_Images/ (or the folder given as an input). Expressions 0..7 map onto CLASS_NAMES
-via CLASS_TABLES["affectnet"]; 8 None, 9 Uncertain and 10 No-Face are rejected with their reason.
+Manually_Annotated_Images/ (or the folder given as an input). Expressions 0..7 are the classes in
+AffectNet's own order (AFFECTNET_CLASSES); published results are 8-way or 7-way (without contempt:
+PrepareConfig.affectnet_classes=7 rejects contempt rows as "label_contempt"); 8 None, 9 Uncertain
+and 10 No-Face are rejected with their reason.
 The csv file's name picks the split: training -> train, validation -> val (AffectNet's validation
 set is the test set of the papers; point TrainConfig.data.test_split at "val" to report on it).
 """
@@ -13,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_LANDMARKS
-from ranray.data.sources.common import (CLASS_TABLES, EXCLUDED_CODES, SourceError, SourceRead, SourceRow,
+from ranray.data.sources.common import (AFFECTNET_CLASSES, EXCLUDED_CODES, SourceError, SourceRead, SourceRow,
                                         one_hot, parse_csv_line, read_header, require_dir, require_file)
 from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
 
@@ -37,7 +38,7 @@ def resolve(inputs: list[str]) -> tuple[list[Path], Path]:
     return csvs, require_dir(images, "AffectNet image folder")
 
 
-def plan_affectnet(inputs: list[str]) -> SourcePlan:
+def plan_affectnet(inputs: list[str], num_classes: int = len(AFFECTNET_CLASSES)) -> SourcePlan:
     csvs, folder = resolve(inputs)
     groups, columns = [], []
     for path in csvs:
@@ -45,13 +46,14 @@ def plan_affectnet(inputs: list[str]) -> SourcePlan:
         columns.append({name: header.index(name) for name in COLUMNS})
         groups.append(LineGroup((str(path),), skip=1))
     splits = [STEM_TO_SPLIT[p.stem.lower()] for p in csvs]
-    return SourcePlan(groups=groups, parser=AffectNetParser(tuple(str(p) for p in csvs), tuple(columns), tuple(splits), str(folder)),
-                      class_names=list(CLASS_NAMES), rows=count_lines(groups),
+    parser = AffectNetParser(tuple(str(p) for p in csvs), tuple(columns), tuple(splits), str(folder), num_classes)
+    return SourcePlan(groups=groups, parser=parser, class_names=list(AFFECTNET_CLASSES[:num_classes]),
+                      rows=count_lines(groups),
                       extra={"files": [str(p) for p in csvs], "image_folder": str(folder)})
 
 
-def read_affectnet(inputs: list[str]) -> SourceRead:
-    return read_all(plan_affectnet(inputs))
+def read_affectnet(inputs: list[str], num_classes: int = len(AFFECTNET_CLASSES)) -> SourceRead:
+    return read_all(plan_affectnet(inputs, num_classes))
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,15 @@ class AffectNetParser:
     columns: tuple[dict[str, int], ...]  # per csv: column name -> index
     splits: tuple[str, ...]  # per csv
     folder: str
+    num_classes: int  # 8, or 7 without contempt
 
     def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow:
         return _row(parse_csv_line(texts[0]), line, Path(self.files[group]), self.columns[group],
-                    self.splits[group], Path(self.folder))
+                    self.splits[group], Path(self.folder), self.num_classes)
 
 
-def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, folder: Path) -> SourceRow:
+def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, folder: Path,
+         num_classes: int) -> SourceRow:
     def get(name: str) -> str:
         i = col[name]
         return r[i].strip() if i < len(r) else ""
@@ -84,15 +88,17 @@ def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, f
     excluded = EXCLUDED_CODES["affectnet"]
     if code in excluded:
         row.reason, row.detail = excluded[code], f"{where}: expression {code}"
-    elif code not in CLASS_TABLES["affectnet"]:
+    elif code == AFFECTNET_CLASSES.index("contempt") and num_classes < len(AFFECTNET_CLASSES):
+        row.reason, row.detail = "label_contempt", f"{where}: contempt is left out of the 7-class set"
+    elif not 0 <= code < num_classes:
         row.reason, row.detail = "bad_label", f"{where}: expression {code}"
     elif not rel:
         row.reason, row.detail = "bad_annotation", f"{where}: empty subDirectory_filePath"
     elif w <= 0 or h <= 0:
         row.reason, row.detail = "bad_box", f"{where}: face box {x, y, w, h}"
     else:
-        row.label = CLASS_TABLES["affectnet"][code]
-        row.target = one_hot(row.label)
+        row.label = code
+        row.target = one_hot(code, num_classes)
         row.box = [x, y, x + w, y + h]
         # Given landmarks are a fallback for a failed predictor fit; a malformed list is ignored.
         row.landmarks = marks if len(marks) == 2 * NUM_LANDMARKS else []
@@ -100,8 +106,8 @@ def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, f
 
 
 def plan(cfg) -> SourcePlan:
-    return plan_affectnet(cfg.inputs)
+    return plan_affectnet(cfg.inputs, cfg.affectnet_classes)
 
 
 def read(cfg) -> SourceRead:
-    return read_affectnet(cfg.inputs)
+    return read_affectnet(cfg.inputs, cfg.affectnet_classes)

@@ -67,21 +67,21 @@ class SourceRead:
     extra: dict = field(default_factory=dict)  # reader-specific manifest entries
 
 
-# One table maps every dataset's label codes onto CLASS_NAMES (neutral, happiness, surprise,
-# sadness, anger, disgust, fear, contempt). A code missing from a table is excluded with the reason
-# in EXCLUDED_CODES.
+# Each expression dataset's classes in its own label order: published results use each dataset's
+# own class set (RAF-DB 7-way, AffectNet 7- or 8-way, FERPlus 8-way), so the model's head, the
+# confusion matrices and the per-class tables follow the dataset, not one project-wide list.
+# FERPlus and image folders use CLASS_NAMES.
+RAFDB_CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")  # labels 1..7
+AFFECTNET_CLASSES = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt")  # 0..7
+# FER2013's own 7 labels (0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral) onto
+# CLASS_NAMES: FERPlus replaces them by votes; the table is for writing fer2013.csv.
 CLASS_TABLES: dict[str, dict[int, int]] = {
-    # RAF-DB basic: 1 Surprise, 2 Fear, 3 Disgust, 4 Happiness, 5 Sadness, 6 Anger, 7 Neutral.
-    "rafdb": {1: 2, 2: 6, 3: 5, 4: 1, 5: 3, 6: 4, 7: 0},
-    # AffectNet: 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 5 Disgust, 6 Anger, 7 Contempt.
-    "affectnet": {0: 0, 1: 1, 2: 3, 3: 2, 4: 6, 5: 5, 6: 4, 7: 7},
-    # FER2013's own 7 labels: 0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral.
-    # FERPlus replaces them by votes; the table is for writing fer2013.csv and for reference.
     "fer2013": {0: 4, 1: 5, 2: 6, 3: 1, 4: 3, 5: 2, 6: 0},
 }
 EXCLUDED_CODES: dict[str, dict[int, str]] = {
     "affectnet": {8: "label_none", 9: "label_uncertain", 10: "label_no_face"},
 }
+
 
 # Folder names accepted for the image-folder source, besides CLASS_NAMES themselves.
 CLASS_SYNONYMS = {

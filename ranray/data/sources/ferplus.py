@@ -1,4 +1,6 @@
-"""FERPlus: fer2013.csv (emotion, pixels, Usage) + fer2013new.csv (Usage, Image name, 10 vote columns).
+"""FERPlus: fer2013.csv (emotion, pixels, Usage) + fer2013new.csv (Usage, Image name, 10 vote columns),
+or the authors' FER2013Train/Valid/Test folders with label.csv (ranray.data.sources.ferplus_folders;
+the labels RAN's published results used). The manifest's reader.label_source says which.
 
 The two files are aligned row by row (row i of one describes row i of the other). Labels come from
 the 10 crowd votes with the label modes of the FERPlus authors (Barsoum et al. 2016, the
@@ -9,7 +11,7 @@ top class is `unknown` or `NF` (non-face) is dropped, here as a reject with a re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -126,12 +128,42 @@ def find_files(inputs: list[str]) -> tuple[Path, Path]:
 
 
 def plan_ferplus(inputs: list[str], label_mode: str = "majority") -> SourcePlan:
+    """The authors' FER2013{Train,Valid,Test}/label.csv folders when given their parent, else the csv pair."""
+    from ranray.data.sources.ferplus_folders import find_folders, plan_folders
+
+    folders = find_folders(inputs)
+    if folders is not None:
+        return plan_folders(folders, label_mode)
     fer_path, new_path = find_files(inputs)
     cols = _Columns(read_header(fer_path, FER_COLUMNS), read_header(new_path, FERPLUS_COLUMNS))
     group = LineGroup((str(fer_path), str(new_path)), skip=1)
-    return SourcePlan(groups=[group], parser=FerplusParser(str(fer_path), str(new_path), cols, label_mode),
+    repeats = repeated_names(new_path, cols.name)
+    return SourcePlan(groups=[group], parser=FerplusParser(str(fer_path), str(new_path), cols, label_mode, repeats),
                       class_names=list(CLASS_NAMES), rows=count_lines([group]),
-                      extra={"files": [str(fer_path), str(new_path)], "eval_label_mode": EVAL_MODE})
+                      extra={"files": [str(fer_path), str(new_path)], "label_source": "fer2013new.csv",
+                             "eval_label_mode": EVAL_MODE, "repeated_names": len(repeats)})
+
+
+def repeated_names(new_path: Path, name_col: int) -> dict[str, int]:
+    """{image name: the line it first appears on} for names on more than one row (fer0006953.png is).
+
+    Keys must be unique; such a name keeps its plain key on its first line and becomes
+    "<name>@<line>" on the others (a subset list entry marks the first). FERPlus is 35,887 rows,
+    so the names fit in memory here.
+    """
+    first: dict[str, int] = {}
+    repeats: dict[str, int] = {}
+    with new_path.open(encoding="utf-8-sig", errors="replace") as f:
+        next(f, None)
+        for line, text in enumerate(f, start=2):
+            name = _field(parse_csv_line(text.rstrip("\r\n")), name_col)
+            if not name:
+                continue
+            if name in first:
+                repeats[name] = first[name]
+            else:
+                first[name] = line
+    return repeats
 
 
 def read_ferplus(inputs: list[str], label_mode: str = "majority") -> SourceRead:
@@ -149,10 +181,14 @@ class FerplusParser:
     new_path: str
     cols: "_Columns"
     label_mode: str
+    repeats: dict[str, int] = field(default_factory=dict)  # repeated_names
 
     def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow:
         fer, new = (parse_csv_line(t) for t in texts)
-        return _row(line - 2, fer, new, self.cols, self.label_mode, Path(self.fer_path), Path(self.new_path))
+        row = _row(line - 2, fer, new, self.cols, self.label_mode, Path(self.fer_path), Path(self.new_path))
+        if self.repeats.get(row.key, line) != line:
+            row.key = f"{row.key}@{line}"
+        return row
 
 
 class _Columns:

@@ -1,7 +1,7 @@
 """RAF-DB basic: EmoLabel/list_patition_label.txt ("train_00001.jpg 5" per line) + Image/{aligned,original}.
 
-Labels 1..7 (Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral) map onto CLASS_NAMES via
-CLASS_TABLES["rafdb"]; RAF-DB has no contempt. Splits come from the file name prefix (train_ /
+Labels 1..7 (Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral) become classes 0..6 in that
+order (RAFDB_CLASSES): RAF-DB is classified 7-way, as published results are. Splits come from the file name prefix (train_ /
 test_); RAF-DB has no validation split. The aligned images (100x100, file names with an
 "_aligned" suffix) suit detector=given; the original photos suit hog or cnn.
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranray.config import CLASS_NAMES
-from ranray.data.sources.common import (CLASS_TABLES, SourceError, SourceRead, SourceRow, one_hot,
+from ranray.data.sources.common import (RAFDB_CLASSES, SourceError, SourceRead, SourceRow, one_hot,
                                         require_dir, require_file)
 from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
 
@@ -49,7 +48,7 @@ def image_path(folder: Path, name: str) -> Path:
 def plan_rafdb(inputs: list[str], detector: str = "given") -> SourcePlan:
     list_path, folder = resolve(inputs, detector)
     group = LineGroup((str(list_path),))
-    return SourcePlan(groups=[group], parser=RafdbParser(str(list_path), str(folder)), class_names=list(CLASS_NAMES),
+    return SourcePlan(groups=[group], parser=RafdbParser(str(list_path), str(folder)), class_names=list(RAFDB_CLASSES),
                       rows=count_lines([group]), extra={"files": [str(list_path)], "image_folder": str(folder)})
 
 
@@ -65,10 +64,10 @@ class RafdbParser:
     def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow | None:
         if not texts[0].strip():
             return None
-        return _row(texts[0], line, Path(self.list_path), Path(self.folder), CLASS_TABLES["rafdb"])
+        return _row(texts[0], line, Path(self.list_path), Path(self.folder))
 
 
-def _row(line: str, line_no: int, list_path: Path, folder: Path, table: dict[int, int]) -> SourceRow:
+def _row(line: str, line_no: int, list_path: Path, folder: Path) -> SourceRow:
     parts = line.split()
     name = parts[0]
     split = PREFIX_TO_SPLIT.get(name.split("_", 1)[0], "")
@@ -76,13 +75,13 @@ def _row(line: str, line_no: int, list_path: Path, folder: Path, table: dict[int
     where = f"{list_path} line {line_no}"
     if len(parts) != 2 or not parts[1].isdigit():
         row.reason, row.detail = "bad_label", f"{where}: '{line.strip()}'"
-    elif int(parts[1]) not in table:
+    elif not 1 <= int(parts[1]) <= len(RAFDB_CLASSES):
         row.reason, row.detail = "bad_label", f"{where}: label {parts[1]} not in 1..7"
     elif not split:
         row.reason, row.detail = "bad_split", f"{where}: '{name}' starts with neither train_ nor test_"
     else:
-        row.label = table[int(parts[1])]
-        row.target = one_hot(row.label)
+        row.label = int(parts[1]) - 1
+        row.target = one_hot(row.label, len(RAFDB_CLASSES))
     return row
 
 

@@ -1,0 +1,110 @@
+"""FERPlus as its authors' trainer reads it: FER2013Train/, FER2013Valid/, FER2013Test/, each with
+the PNGs (written by microsoft/FERPlus generate_training_data.py) and a label.csv:
+
+    fer0000000.png,"(0, 0, 48, 48)",4,0,0,1,3,2,0,0,0,0      name, face box (x, y, w, h), 10 votes
+
+About 8% of the rows carry other votes than fer2013new.csv. With the authors' majority rule this
+source keeps 25,045 / 3,191 / 3,137 train / val / test rows of the full data (fer2013new.csv:
+25,060 / 3,199 / 3,153); RAN's published lists are exactly these label.csv sets (train + val for
+training). The votes go through the same label modes as the csv pair (ranray.data.sources.ferplus).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ranray.config import CLASS_NAMES
+from ranray.data.schema import NUM_VOTES
+from ranray.data.sources.common import SourceError, SourceRow, parse_csv_line, require_dir
+from ranray.data.sources.ferplus import EVAL_MODE, ferplus_target
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
+
+LABEL_FILE = "label.csv"
+FOLDER_SPLITS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test": "test"}
+IMAGE_SIDE = 48  # FER2013's faces
+LABEL_SOURCE = "label.csv"
+_BOX = re.compile(r"^\(\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\)$")
+
+
+def find_folders(inputs: list[str]) -> dict[str, Path] | None:
+    """{split: folder} when the input is the folder holding FER2013Train/ etc.; None for the csv pair."""
+    if len(inputs) != 1 or not Path(inputs[0]).is_dir():
+        return None
+    root = Path(inputs[0])
+    present = {name: root / name for name in FOLDER_SPLITS if (root / name / LABEL_FILE).is_file()}
+    if not present:
+        return None
+    missing = sorted(set(FOLDER_SPLITS) - set(present))
+    if missing:
+        raise SourceError(f"ferplus: {root} has {sorted(present)} but not {missing} (each with {LABEL_FILE})")
+    return {FOLDER_SPLITS[name]: require_dir(folder, "FERPlus split folder") for name, folder in present.items()}
+
+
+def plan_folders(folders: dict[str, Path], label_mode: str) -> SourcePlan:
+    groups = [LineGroup((str(folder / LABEL_FILE),)) for folder in folders.values()]
+    parser = LabelCsvParser(tuple(folders), tuple(str(f) for f in folders.values()), label_mode)
+    return SourcePlan(groups=groups, parser=parser, class_names=list(CLASS_NAMES), rows=count_lines(groups),
+                      extra={"files": [g.files[0] for g in groups], "label_source": LABEL_SOURCE,
+                             "eval_label_mode": EVAL_MODE})
+
+
+@dataclass(frozen=True)
+class LabelCsvParser:
+    splits: tuple[str, ...]  # per group
+    folders: tuple[str, ...]
+    label_mode: str
+
+    def parse(self, group: int, line: int, texts: tuple[str, ...]) -> SourceRow | None:
+        fields = [f.strip() for f in parse_csv_line(texts[0])]
+        if not any(fields):
+            return None
+        folder, split = Path(self.folders[group]), self.splits[group]
+        where = f"{folder / LABEL_FILE} line {line}"
+        name = fields[0]
+        row = SourceRow(key=name or f"{folder.name}:{line}", split=split, path=str(folder / name))
+        if len(fields) != 2 + NUM_VOTES:
+            return _reject(row, "bad_row", f"{where}: {len(fields)} fields, expected name, box and {NUM_VOTES} votes")
+        box = _BOX.match(fields[1])
+        if box is None:
+            return _reject(row, "bad_box", f"{where}: box {fields[1]!r} is not '(x, y, w, h)'")
+        try:
+            row.votes = [int(v) for v in fields[2:]]
+        except ValueError:
+            return _reject(row, "bad_votes", f"{where}: votes {fields[2:]}")
+        if any(v < 0 for v in row.votes):
+            return _reject(row, "bad_votes", f"{where}: negative votes {row.votes}")
+        problem = _image_problem(Path(row.path))
+        if problem:
+            return _reject(row, *problem)
+        x, y, w, h = (int(v) for v in box.groups())
+        row.box = [float(x), float(y), float(x + w), float(y + h)]
+        mode = self.label_mode if split == "train" else EVAL_MODE
+        target, reason = ferplus_target(row.votes, mode)
+        if reason:
+            return _reject(row, reason, f"{where}: votes {row.votes} ({mode})")
+        row.target = target
+        row.label = max(range(len(target)), key=lambda k: (target[k], -k))
+        return row
+
+
+def _image_problem(path: Path) -> tuple[str, str] | None:
+    """(reason, detail) when the PNG is missing, unreadable or not 48x48; it is only opened, not decoded."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+    except FileNotFoundError:
+        return "image_missing", f"{path} does not exist"
+    except (OSError, UnidentifiedImageError) as err:
+        return "image_unreadable", f"{path}: {err}"
+    if size != (IMAGE_SIDE, IMAGE_SIDE):
+        return "bad_image_size", f"{path} is {size[0]}x{size[1]}, FER2013 faces are {IMAGE_SIDE}x{IMAGE_SIDE}"
+    return None
+
+
+def _reject(row: SourceRow, reason: str, detail: str) -> SourceRow:
+    row.reason, row.detail = reason, detail
+    return row
