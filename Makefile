@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 .PHONY: venv test test-cluster demo bench clean
 # The multi-node job tests (demo job on a local 4-node cluster, node and driver kills) run on their
 # own: 4-9 minutes on a quiet 2-core machine (.ci/run runs them after `make test` and the demo).
-CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py tests/test_cluster_elastic.py
+CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py tests/test_cluster_elastic.py tests/test_prepare_cluster.py
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) --ignore=$(CLUSTER_JOB_TESTS) tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) $(addprefix --ignore=,$(CLUSTER_JOB_TESTS)) tests
 
 test-cluster: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) $(CLUSTER_JOB_TESTS)

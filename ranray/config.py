@@ -248,9 +248,6 @@ class PrepareConfig:
     affectnet_classes: Literal[7, 8] = 8  # AffectNet's published class sets: 8, or 7 without contempt
     num_workers: int = 0  # 0: one actor per CPU Ray has
     worker_retries: int = 2  # a block whose actor died is retried on a fresh actor this many times
-    # Unused since prepare runs whole blocks per task (rows_per_shard); kept only so that job files
-    # that still set it load. To be dropped with its line in jobs/*ferplus_prepare.yaml.
-    batch_size: int = 64
     rows_per_shard: int = 2048  # one shard per split per block of this many input rows (fewer for small inputs)
     # Each block gathers this many runs of rows from across the input, so that shards of an
     # identity-sorted source (RecordIO, identity folders) mix many identities in every row group.
@@ -259,6 +256,11 @@ class PrepareConfig:
     resume: bool = True  # a killed run's committed blocks are kept and only the rest is prepared again
     jpeg_quality: int = 95
     overwrite: bool = False
+
+    # Keys that no longer mean anything: a job file that sets one still loads, with a warning.
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "batch_size": "prepare runs whole blocks per task (rows_per_shard)",
+    }
 
     def validate(self) -> None:
         _check(bool(self.out), "out", "is required")
@@ -468,11 +470,16 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
 
 
 def _renamed(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """`raw` with the class's RENAMED_KEYS moved to their new place (a warning each)."""
+    """`raw` with the class's RENAMED_KEYS moved to their new place and its REMOVED_KEYS dropped
+    (a warning each)."""
     renames = getattr(cls, "RENAMED_KEYS", {})
-    if not any(_get_dotted(raw, old) is not _MISSING for old in renames):
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    if not any(_get_dotted(raw, old) is not _MISSING for old in (*renames, *removed)):
         return raw
     raw = copy.deepcopy(raw)
+    for old, why in removed.items():
+        if _pop_dotted(raw, old) is not _MISSING:
+            log.warning("config key '%s%s' is no longer used (%s); leave it out", prefix, old, why)
     for old, new in renames.items():
         value = _pop_dotted(raw, old)
         if value is _MISSING:

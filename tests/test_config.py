@@ -40,6 +40,12 @@ def test_renamed_keys_still_load_with_a_warning(tmp_path, caplog):
     assert "rb_margin" not in saved["model"] and "label_mode" not in saved["data"]  # written under the new names
 
 
+def test_a_removed_key_still_loads_with_a_warning(caplog):
+    cfg = load_config(PrepareConfig, None, ["out=x", "inputs=[a.csv]", "batch_size=8"])
+    assert not hasattr(cfg, "batch_size")
+    assert "config key 'batch_size' is no longer used" in caplog.text
+
+
 def test_int_is_accepted_for_float_and_kept_as_float():
     cfg = load_config(TrainConfig, None, ["optim.lr=1"])
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0

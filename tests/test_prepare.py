@@ -40,7 +40,7 @@ def test_synthetic_ferplus_through_ranray_prepare(ray_session, tmp_path, capsys)
     raw = synthesize(tmp_path / "raw", SynthOptions(n=48, seed=11, non_face_frac=0.05, occlusion_frac=0.25))
     short, letters = _corrupt_pixels(raw.root, [" ".join(["7"] * 2303), "x " * 2304])
     out = tmp_path / "prepared"
-    argv = ["prepare", "ferplus", str(raw.root), "--out", str(out), "num_workers=2", "batch_size=8",
+    argv = ["prepare", "ferplus", str(raw.root), "--out", str(out), "num_workers=2",
             "rows_per_shard=16", f"subset_lists.occlusion={raw.subset_lists['occlusion']}"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
