@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--loader", choices=("torch", "dali"), default="torch")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--attention", type=int, default=0, metavar="N",
+                        help="also draw N clean and N occluded faces with the attention of each region")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = evaluate(args.model, args.data, args.split, batch_size=args.batch_size, out_dir=args.out,
                           backend=args.loader, precision=args.precision, subset=args.subset,
-                          tracking_uri=args.tracking_uri)
+                          tracking_uri=args.tracking_uri, attention_faces=args.attention)
     except (FileNotFoundError, DatasetError, ValueError) as err:
         print(f"ranray evaluate: {err}")
         return 2

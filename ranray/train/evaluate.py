@@ -196,9 +196,10 @@ def batch_progress(loader: Any, stream: Any, desc: str) -> Any:
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
              out_dir: str | Path | None = None, backend: str = "torch", num_threads: int = 0,
              precision: str = "fp32", subset: str = "all", tracking_uri: str | None = None,
-             progress: Any = sys.stderr) -> EvalReport:
+             progress: Any = sys.stderr, attention_faces: int = 0) -> EvalReport:
     """Evaluate a trained model on a prepared split; writes eval_<split>.json and the confusion PNG
-    (default folder: eval_<split> beside the weights, or ./eval_<split> for a registered model)."""
+    (default folder: eval_<split> beside the weights, or ./eval_<split> for a registered model);
+    attention_faces=N also draws N clean and N occluded faces of the split with their attention."""
     from ranray.data.loader import build_loader
     from ranray.data.schema import read_manifest
     from ranray.train.plots import plot_confusion_matrix
@@ -222,8 +223,38 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     png = plot_confusion_matrix(result.confusion, result.class_names, out / f"confusion_{split}.png",
                                 title=f"{split}: accuracy {report.accuracy:.3f}")
     report.files = {"json": str(out / f"eval_{split}.json"), "confusion": str(png)}
+    if attention_faces > 0:
+        report.files["attention"] = str(plot_split_attention(trained, loader, attention_faces,
+                                                             out / f"attention_{split}.png"))
     (out / f"eval_{split}.json").write_text(json.dumps(asdict(report), indent=1))
     return report
+
+
+@torch.no_grad()
+def plot_split_attention(trained: TrainedModel, loader: Any, per_group: int, path: Path) -> Path:
+    """The attention picture of the first `per_group` clean and occluded faces of `loader`."""
+    from ranray.data.schema import FLAG_OCCLUSION
+    from ranray.train.plots import plot_attention_faces
+
+    wanted = {False: [], True: []}  # occluded? -> (image, landmarks, label, flags) rows
+    loader.set_epoch(0)
+    for batch in loader:
+        for i, flags in enumerate(batch["flags"].tolist()):
+            group = wanted[bool(flags & FLAG_OCCLUSION)]
+            if len(group) < per_group:
+                group.append((batch["images"][i], batch["landmarks"][i], int(batch["labels"][i]), flags))
+        if all(len(g) >= per_group for g in wanted.values()):
+            break
+    rows = wanted[False] + wanted[True]
+    if not rows:
+        raise ValueError("the split has no faces to draw")
+    images = torch.stack([r[0] for r in rows])
+    landmarks = torch.stack([r[1] for r in rows]) if trained.uses_landmarks else None
+    out = trained.net(images, landmarks)
+    boxes = trained.net.region_boxes(images, landmarks) * images.shape[-1]
+    return plot_attention_faces(images, boxes, out.mu, out.nu, out.logits.argmax(1).tolist(), [r[2] for r in rows],
+                                path, class_names=trained.class_names, flags=[r[3] for r in rows],
+                                region_names=region_names(trained.cfg.model.region_mode, boxes.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
