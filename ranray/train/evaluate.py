@@ -39,6 +39,7 @@ from ranray.train.metrics import EvalAccumulator, EvalResult
 from ranray.train.run_dir import RunDir
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PROGRESS_STREAMS = {True: lambda: sys.stderr, False: lambda: None}  # evaluate(progress=...): else a stream
 SUBSET_MASK = sum(SUBSET_FLAGS.values())  # "clean" rows: no occlusion and no large pose
 
 
@@ -196,10 +197,11 @@ def batch_progress(loader: Any, stream: Any, desc: str) -> Any:
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
              out_dir: str | Path | None = None, backend: str = "torch", num_threads: int = 0,
              precision: str = "fp32", subset: str = "all", tracking_uri: str | None = None,
-             progress: Any = sys.stderr, attention_faces: int = 0) -> EvalReport:
+             progress: Any = True, attention_faces: int = 0) -> EvalReport:
     """Evaluate a trained model on a prepared split; writes eval_<split>.json and the confusion PNG
     (default folder: eval_<split> beside the weights, or ./eval_<split> for a registered model);
-    attention_faces=N also draws N clean and N occluded faces of the split with their attention."""
+    attention_faces=N also draws N clean and N occluded faces of the split with their attention;
+    progress: True for a bar on stderr when that is a terminal, False for none, or a stream."""
     from ranray.data.loader import build_loader
     from ranray.data.schema import read_manifest
     from ranray.train.plots import plot_confusion_matrix
@@ -214,7 +216,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     dtype = PRECISIONS[precision]
     autocast: Callable[[], Any] = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
     result = evaluate_loader(trained.net, loader, autocast, trained.uses_landmarks,
-                             num_classes=trained.cfg.model.num_classes, prefix=split, progress=progress)
+                             num_classes=trained.cfg.model.num_classes, prefix=split,
+                             progress=PROGRESS_STREAMS.get(progress, lambda: progress)())
     report = EvalReport(split=split, metrics=result.metrics, confusion=result.confusion.tolist(),
                         class_names=list(result.class_names), checkpoint=trained.source,
                         data_dir=str(data_dir), skipped=loader.skipped, trained_on=trained.data)
