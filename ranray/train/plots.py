@@ -7,7 +7,6 @@ Sizes are figsize x dpi exactly (no tight bounding box), so callers know the pix
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
