@@ -4,8 +4,8 @@ and a stub answering 500 / 401: one warning, training goes on, the records are k
 pushed afterwards (by the run's end when the server answers again, else `ranray track sync`);
 the best model in the Model Registry, used by `ranray predict` and `ranray evaluate`.
 
-One server serves the module (its start costs ~20 s on 2 cores); the kill test starts a second
-one on the same store.
+One server serves the module (its start costs ~20 s on 2 cores); the kill test kills it and puts
+a second one on the same store in its place (Served.server), which the later tests use.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,21 @@ EPOCHS = 2
 STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)
 
 
+@dataclass
+class Served:
+    server: MlflowServer  # the live one: the kill test replaces it
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = MlflowServer.start(tmp_path_factory.mktemp("mlflow_server"))
-    yield server
-    server.kill()
+def served(tmp_path_factory):
+    slot = Served(MlflowServer.start(tmp_path_factory.mktemp("mlflow_server")))
+    yield slot
+    slot.server.kill()
+
+
+@pytest.fixture
+def server(served) -> MlflowServer:
+    return served.server
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +163,7 @@ def run_with_the_server_killed_after_epoch_1(server: MlflowServer, data_dir: Pat
     return result, cfg, seen
 
 
-def test_finetune_run_over_http_survives_the_server_and_is_synced_afterwards(ray_session, server, data_dir,
+def test_finetune_run_over_http_survives_the_server_and_is_synced_afterwards(ray_session, served, server, data_dir,
                                                                             tmp_path, capsys):
     result, cfg, seen = run_with_the_server_killed_after_epoch_1(server, data_dir, tmp_path / "runs")
     run_dir = result.run_dir
@@ -166,26 +177,23 @@ def test_finetune_run_over_http_survives_the_server_and_is_synced_afterwards(ray
     epochs_kept = [r["data"]["epoch"] for r in local if r["kind"] == "metrics" and "epoch" in r["data"]]
     assert epochs_kept == [EPOCHS] and {"artifact", "status"} <= {r["kind"] for r in local}
 
-    again = MlflowServer.start(server.store)  # the same store, served again
-    try:
-        assert main(["track", "sync", str(run_dir), "--tracking-uri", again.url]) == 0
-        assert "pushed" in capsys.readouterr().out
-        (run,) = [r for r in find_runs(again.url, "ranray-test") if r["run_id"] == result.mlflow_run_id]
-        assert run["status"] == "FINISHED"
-        assert run["params"]["model.backbone"] == "iresnet_tiny" and run["params"]["epochs"] == str(EPOCHS)
-        for key in ("val_accuracy", "epoch_train_loss", "best_val_accuracy"):
-            steps = [s for s, _ in metric_history(again.url, run["run_id"], key)]
-            assert steps[:EPOCHS] == [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)], key
-        assert len(metric_history(again.url, run["run_id"], "train_loss")) == EPOCHS * STEPS_PER_EPOCH
-        artifacts = set(list_artifacts(again.url, run["run_id"]))
-        assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt",
-                "model/best.yaml", "model/final.yaml"} <= artifacts, artifacts
-        png = MlflowClient(again.url).download_artifacts(run["run_id"], "plots/attention_faces.png", str(tmp_path))
-        assert Image.open(png).size[0] > 300
+    again = served.server = MlflowServer.start(server.store)  # the same store, served again
+    assert main(["track", "sync", str(run_dir), "--tracking-uri", again.url]) == 0
+    assert "pushed" in capsys.readouterr().out
+    (run,) = [r for r in find_runs(again.url, "ranray-test") if r["run_id"] == result.mlflow_run_id]
+    assert run["status"] == "FINISHED"
+    assert run["params"]["model.backbone"] == "iresnet_tiny" and run["params"]["epochs"] == str(EPOCHS)
+    for key in ("val_accuracy", "epoch_train_loss", "best_val_accuracy"):
+        steps = [s for s, _ in metric_history(again.url, run["run_id"], key)]
+        assert steps[:EPOCHS] == [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)], key
+    assert len(metric_history(again.url, run["run_id"], "train_loss")) == EPOCHS * STEPS_PER_EPOCH
+    artifacts = set(list_artifacts(again.url, run["run_id"]))
+    assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt",
+            "model/best.yaml", "model/final.yaml"} <= artifacts, artifacts
+    png = MlflowClient(again.url).download_artifacts(run["run_id"], "plots/attention_faces.png", str(tmp_path))
+    assert Image.open(png).size[0] > 300
 
-        registry_checks(result, cfg, again, tmp_path / "registry", capsys)
-    finally:
-        again.kill()
+    registry_checks(result, cfg, again, tmp_path / "registry", capsys)
 
 
 def registry_checks(result, cfg, server: MlflowServer, tmp: Path, capsys) -> None:
