@@ -10,8 +10,11 @@ Where runs go:
 The run directory must be local (or a shared file system): a sqlite store cannot live on s3://.
 
 Tracking never stops training: a server that does not answer at start, or calls that keep
-failing, give one warning and from then on params / metrics / tags go to the run directory's
-`metrics.jsonl` (ranray.train.run_dir names every file).
+failing (gone, HTTP 500, HTTP 401), give one warning and from then on params / metrics / tags /
+artifacts go to the run directory's `metrics.jsonl` (ranray.train.run_dir names every file).
+Those records are pushed to the store afterwards, by `sync_run_dir` (`ranray track sync RUN_DIR`),
+and automatically when the run's owner ends it and the store answers again. A replay is
+idempotent (metrics keep their original timestamps), so a sync that fails part-way can be repeated.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
                                      MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
@@ -42,6 +47,7 @@ from ranray.train.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+TIMESTAMP_KEY = "__timestamp_ms"  # a local metrics record's MLflow timestamp, so a replay is idempotent
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 # After this many failed calls in a row the tracker stops trying, so a dead server costs a
@@ -135,7 +141,7 @@ class Tracker:
         self._active = True
         if self._client is None and all_tags:
             self._write_local("tags", all_tags)
-        self._record_run()
+        self._record_run(run_name)
         if params:
             self.log_params(params)
         return self.run_id
@@ -149,6 +155,30 @@ class Tracker:
         self.flush()
         self._call("status", {"status": status},
                    lambda c: c.set_terminated(self.run_id, status=status))
+        self._push_local_records()
+
+    def _push_local_records(self) -> None:
+        """What this run kept locally (here, or in a worker logging into it) goes to the store now
+        if the store answers; otherwise it stays for `ranray track sync`."""
+        if not self.local_log.is_file():
+            return
+        try:
+            report = sync_run_dir(self.run_dir, self.tracking_uri, probe_timeout_s=self.probe_timeout_s)
+        except SyncError as exc:  # info: the user was warned when the records went local
+            log.info("%s; push them later with `ranray track sync %s`", exc, self.run_dir.root)
+            return
+        log.info("pushed %s", report.line())
+
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        """Register the run's artifact folder `artifact_path` (an MLflow model) as a new version of
+        model `name`; returns the version, or None when the store is unreachable (kept locally)."""
+        holder: list[str] = []
+
+        def register(c: MlflowClient) -> None:
+            holder.append(_register(c, self.run_id, name, artifact_path))
+
+        self._call("register", {"name": name, "artifact_path": artifact_path}, register)
+        return holder[0] if holder else None
 
     def __enter__(self) -> Tracker:
         return self
@@ -180,7 +210,7 @@ class Tracker:
         items = list(values.items())
         for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
             batch = [Metric(k, v, now, step or 0) for k, v in chunk]
-            data = dict(chunk)
+            data = {**dict(chunk), TIMESTAMP_KEY: now}
             if wait:
                 self._call("metrics", data, lambda c, b=batch: c.log_batch(self.run_id, metrics=b), step=step)
             else:
@@ -212,12 +242,7 @@ class Tracker:
         if not path.exists():
             log.warning("not logging artifact %s: it does not exist", path)
             return
-        if path.is_dir():
-            self._call("artifact", record,
-                       lambda c: c.log_artifacts(self.run_id, str(path), artifact_path=artifact_path))
-        else:
-            self._call("artifact", record,
-                       lambda c: c.log_artifact(self.run_id, str(path), artifact_path=artifact_path))
+        self._call("artifact", record, lambda c: _upload(c, self.run_id, path, artifact_path))
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """A JSON artifact (e.g. evaluation results); offline it is written under the run dir."""
@@ -332,23 +357,198 @@ class Tracker:
         except OSError as exc:  # the last resort failing must still not stop training
             log.warning("could not write %s: %s", self.local_log, exc)
 
-    def _record_run(self) -> None:
-        record = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment": self.experiment}
-        final = self.run_dir.tracking_record
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, final)
-        except OSError as exc:
-            log.warning("could not record the run id in %s: %s", self.run_dir, exc)
+    def _record_run(self, run_name: str) -> None:
+        _write_record(self.run_dir, {"run_id": self.run_id, "tracking_uri": self.tracking_uri,
+                                     "experiment": self.experiment, "run_name": run_name})
 
     def _recorded_run_id(self) -> str | None:
-        try:
-            record = json.loads(self.run_dir.tracking_record.read_text())
-        except (OSError, ValueError):
-            return None
+        record = _read_record(self.run_dir)
         same_store = record.get("tracking_uri") == self.tracking_uri
         return record.get("run_id") if same_store else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pushing what was kept locally
+# ---------------------------------------------------------------------------------------------
+
+
+class SyncError(RuntimeError):
+    """The local records could not be pushed (the store does not answer, or refused them)."""
+
+
+@dataclass
+class SyncReport:
+    tracking_uri: str
+    run_ids: dict[str, str]  # the recorded run id -> the run the records went to
+    counts: dict[str, int]  # records pushed per kind
+    synced_file: Path
+
+    def line(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
+        runs = ", ".join(sorted(set(self.run_ids.values())))
+        return f"{sum(self.counts.values())} local records ({kinds}) to run {runs} in {self.tracking_uri}"
+
+
+def synced_log_path(run_dir: str | os.PathLike) -> Path:
+    """Where pushed records go, so a second sync does not push them again."""
+    local = RunDir(run_dir).offline_metrics
+    return local.with_name(local.stem + ".synced" + local.suffix)
+
+
+def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
+                 probe_timeout_s: float = 3.0) -> SyncReport:
+    """Replay RUN_DIR/metrics.jsonl into the store (default: the one tracking.json names), then
+    move the records to metrics.synced.jsonl. A run that was started offline (id `local-...`) is
+    created now, in the experiment it was meant for, and tracking.json points at it.
+    Raises SyncError, leaving the local file as it was, when the store fails."""
+    rd = RunDir(run_dir)
+    recorded = _read_record(rd)
+    uri = tracking_uri or recorded.get("tracking_uri") or resolve_tracking_uri("", rd)
+    records = read_local_log(rd)
+    report = SyncReport(uri, {}, {}, synced_log_path(rd))
+    if not records:
+        return report
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        reason = _probe(uri, probe_timeout_s)
+        if reason:
+            raise SyncError(f"tracking server {uri} is unreachable ({reason})")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        for record in records:
+            run_id = _target_run(client, record, report, recorded, uri)
+            REPLAY[record["kind"]](client, run_id, record)
+            report.counts[record["kind"]] = report.counts.get(record["kind"], 0) + 1
+    except Exception as exc:  # whatever the store says, the local records stay for the next try
+        raise SyncError(f"pushing {rd.offline_metrics} to {uri} failed: {exc!r}") from exc
+    _archive_local_log(rd, report.synced_file, len(records))
+    if recorded.get("run_id") in report.run_ids:
+        _write_record(rd, {**recorded, "tracking_uri": uri, "run_id": report.run_ids[recorded["run_id"]]})
+    return report
+
+
+def _target_run(client: MlflowClient, record: dict[str, Any], report: SyncReport,
+                recorded: dict[str, Any], uri: str) -> str:
+    """The store's run for a record: its own id, or one created for a run started offline."""
+    local_id = record["run_id"]
+    if local_id in report.run_ids:
+        return report.run_ids[local_id]
+    if not str(local_id).startswith("local-"):
+        report.run_ids[local_id] = local_id
+        return local_id
+    mine = recorded.get("run_id") == local_id  # tracking.json describes the run of this directory
+    experiment = (recorded.get("experiment") if mine else None) or "ranray"
+    experiment_id = _get_or_create_experiment(client, experiment, artifact_location_for(uri))
+    run = client.create_run(experiment_id, run_name=(recorded.get("run_name") if mine else None) or None)
+    report.run_ids[local_id] = run.info.run_id
+    return run.info.run_id
+
+
+def _replay_metrics(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    data = dict(record["data"])
+    timestamp = int(data.pop(TIMESTAMP_KEY, record["time"] * 1000))
+    metrics = [Metric(k, float(v), timestamp, record["step"] or 0) for k, v in data.items()]
+    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _replay_params(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    old = client.get_run(run_id).data.params  # a param logged once keeps its value (MLflow's rule)
+    params = [Param(k, str(v)) for k, v in record["data"].items() if k not in old]
+    for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+
+
+def _replay_tags(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    tags = [RunTag(k, str(v)) for k, v in record["data"].items()]
+    for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=chunk)
+
+
+def _replay_artifact(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    path = Path(record["data"]["path"])
+    where = record["data"].get("artifact_path")
+    if not path.exists():
+        log.warning("not pushing artifact %s: it is gone", path)
+        return
+    _upload(client, run_id, path, where)
+
+
+def _upload(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
+    """A file, or a directory's contents. Not client.log_artifact: MLflow caches a run's artifact
+    repository by run id alone, so a process that talked to the run's server at another address
+    (a server that moved, `ranray track sync --tracking-uri`) would upload to the old one."""
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+    if path.is_dir():
+        repo.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        repo.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def _replay_dict(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    client.log_dict(run_id, record["data"]["data"], record["data"]["artifact_file"])
+
+
+def _replay_status(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    client.set_terminated(run_id, status=record["data"]["status"])
+
+
+def _replay_register(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    _register(client, run_id, record["data"]["name"], record["data"]["artifact_path"])
+
+
+REPLAY: dict[str, Callable[[MlflowClient, str, dict[str, Any]], None]] = {
+    "params": _replay_params,
+    "metrics": _replay_metrics,
+    "tags": _replay_tags,
+    "artifact": _replay_artifact,
+    "dict": _replay_dict,
+    "status": _replay_status,
+    "register": _replay_register,
+}
+
+
+def _archive_local_log(rd: RunDir, synced: Path, pushed: int) -> None:
+    """Move the pushed records to the synced file; records appended meanwhile stay local."""
+    local = rd.offline_metrics
+    lines = [line for line in local.read_text().splitlines(keepends=True) if line.strip()]
+    done, rest = lines[:pushed], lines[pushed:]
+    with open(synced, "a") as f:
+        f.writelines(done)
+    if not rest:
+        local.unlink()
+        return
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(rest))
+    os.replace(tmp, local)
+
+
+def _read_record(rd: RunDir) -> dict[str, Any]:
+    try:
+        return json.loads(rd.tracking_record.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(rd: RunDir, record: dict[str, Any]) -> None:
+    final = rd.tracking_record
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, final)
+    except OSError as exc:
+        log.warning("could not record the run id in %s: %s", rd, exc)
+
+
+def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> str:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    return str(client.create_model_version(name, source, run_id=run_id).version)
 
 
 # ---------------------------------------------------------------------------------------------

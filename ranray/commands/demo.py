@@ -3,7 +3,8 @@
     synthetic FERPlus (ranray.data.synth) -> prepare on Ray Data (dlib alignment, Parquet shards)
     -> fine-tune RAN (iresnet_tiny, 2 Ray Train workers on CPU, jobs/demo.yaml) -> evaluate on the
     test split -> a summary: accuracy overall, on clean faces and on the occluded / turned subsets,
-    where the artifacts and the MLflow run are, and the command that opens the MLflow UI.
+    what the model was trained on (synthetic faces: said plainly, with what that means for real
+    photographs), where the artifacts and the MLflow run are, and the command that opens the MLflow UI.
 
 The synthetic and prepared data are kept in the work dir and reused by the next demo (--fresh
 regenerates them); every demo trains a new run.
@@ -85,6 +86,7 @@ def prepare_data(workdir: Path, args: argparse.Namespace, times: dict[str, float
 
 
 def summary(result, report, times: dict[str, float], total_s: float) -> str:
+    from ranray.model_card import describe, synthetic_warning
     from ranray.train.launch import format_table
 
     m = report.metrics
@@ -103,6 +105,7 @@ def summary(result, report, times: dict[str, float], total_s: float) -> str:
         ("test accuracy, pose > 30 deg", acc("acc_pose30")),
         ("test accuracy, pose > 45 deg", acc("acc_pose45")),
         ("best val accuracy", f"{result.metrics.get('best_val_accuracy', math.nan):.3f}"),
+        ("trained on", describe(report.trained_on)),
         ("time", ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total_s:.0f} s"),
         ("run dir", str(result.run_dir)),
         *[(k.replace("_", " "), str(v)) for k, v in result.artifacts.items()],
@@ -111,4 +114,5 @@ def summary(result, report, times: dict[str, float], total_s: float) -> str:
         ("MLflow run", f"{result.mlflow_run_id} ({result.tracking_uri})"),
         ("open the MLflow UI", result.ui_command),
     ]
-    return "\nranray demo: done\n" + format_table(rows)
+    warning = synthetic_warning(report.trained_on)
+    return "\nranray demo: done\n" + format_table(rows) + (f"\n\n{warning}" if warning else "")

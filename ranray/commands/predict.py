@@ -1,18 +1,26 @@
 """`ranray predict`: detect and align every face (dlib), then classify it with a trained RAN and
-show the attention each region got; optionally write the images with boxes and labels."""
+show the attention each region got; optionally write the images with boxes and labels.
+
+The model is a file, checkpoint folder or run directory, or a registered MLflow model
+(models:/NAME/VERSION). Every image gets its result or its own message (missing, not an image,
+no face found); the exit status is 0 only when every image gave at least one face.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
 HELP = "classify the faces in images with a trained RAN: class, probabilities, attention per region"
+MODEL_HELP = ("model/best.pt or final.pt of a run, a checkpoint folder, a run directory, "
+              "or a registered model models:/NAME/VERSION")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="model/best.pt or final.pt of a run, a checkpoint folder, or a run directory")
+    parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
+    parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--detector", choices=("hog", "cnn", "given"), default="hog",
                         help="dlib face detector; given: each image is one face crop")
@@ -21,21 +29,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranray.train.evaluate import format_prediction, predict
+    from ranray.model_card import describe, synthetic_warning
+    from ranray.train.evaluate import format_prediction, load_trained_model, predict
 
     try:
-        preds = predict(args.checkpoint, args.images, detector=args.detector, out_dir=args.out)
-    except FileNotFoundError as err:
-        print(f"ranray predict: {err}")
+        trained = load_trained_model(args.model, tracking_uri=args.tracking_uri)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ranray predict: {err}", file=sys.stderr)
         return 2
+    warning = synthetic_warning(trained.data)
+    if warning:
+        print(warning, file=sys.stderr)
+    results = predict(trained, args.images, detector=args.detector, out_dir=args.out)
+    faces = [face for r in results for face in r.faces]
     if args.json:
-        print(json.dumps([asdict(p) for p in preds], indent=1))
+        print(json.dumps([asdict(f) for f in faces], indent=1))
     else:
-        for p in preds:
-            print(format_prediction(p))
-    found = {p.image for p in preds}
-    for image in args.images:
-        if str(image) not in found:
-            print(f"{image}: no face found" + ("" if args.detector == "given" else
-                                                " (for face crops use --detector given)"))
-    return 0 if preds else 1
+        print(f"model {trained.source}, trained on {describe(trained.data)}")
+        for face in faces:
+            print(format_prediction(face))
+    for r in results:
+        if r.annotated:
+            print(f"{r.image}: annotated image {r.annotated}", file=sys.stderr)
+        if r.error:
+            print(f"ranray predict: {r.error}", file=sys.stderr)
+    return 0 if all(r.faces for r in results) else 1

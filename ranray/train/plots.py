@@ -7,7 +7,6 @@ Sizes are figsize x dpi exactly (no tight bounding box), so callers know the pix
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,57 +79,106 @@ def _matrix_panel(ax: Any, values: np.ndarray, names: Sequence[str], title: str,
                     color=colour, fontsize=font)
 
 
-def attention_grid_shape(num_faces: int, max_cols: int = 4) -> tuple[int, int]:
-    cols = min(max_cols, num_faces)
-    return math.ceil(num_faces / cols), cols
+# ---------------------------------------------------------------------------------------------
+# Attention: one row per face, one small panel per region with its share
+# ---------------------------------------------------------------------------------------------
+
+PANEL_INCHES = 1.15
+ROW_EXTRA_INCHES = 0.45  # the titles above each row's panels
+CARD_GAP_INCHES = 0.3  # between the clean and the occluded column
+GROUPS = (("clean", False), ("occluded", True))
 
 
-def attention_figure_size(num_faces: int, max_cols: int = 4) -> tuple[float, float]:
-    rows, cols = attention_grid_shape(num_faces, max_cols)
-    return cols * FACE_INCHES, rows * (FACE_INCHES + 0.35)
+def region_shares(mu: np.ndarray, nu: np.ndarray) -> np.ndarray:
+    """Each region's share of the final face representation: the RAN pools region features with
+    weights mu * nu (self- times relation-attention), normalised to sum to 1 per face."""
+    w = mu * nu
+    return w / np.maximum(w.sum(axis=-1, keepdims=True), 1e-12)
+
+
+def attention_layout(num_faces: int, flags: Any = None) -> list[list[int | None]]:
+    """Rows of face indices: one face per row, or with flags two columns, clean | occluded."""
+    if flags is None:
+        return [[i] for i in range(num_faces)]
+    from ranray.data.schema import FLAG_OCCLUSION
+
+    occluded = (_np(flags).astype(np.int64) & FLAG_OCCLUSION) != 0
+    columns = [[i for i in range(num_faces) if bool(occluded[i]) == want] for _, want in GROUPS]
+    rows = max(len(c) for c in columns)
+    return [[c[r] if r < len(c) else None for c in columns] for r in range(rows)]
+
+
+def attention_figure_size(num_faces: int, num_regions: int = 6, flags: Any = None) -> tuple[float, float]:
+    layout = attention_layout(num_faces, flags)
+    cards = len(layout[0]) if layout else 1
+    width = cards * (num_regions + 1) * PANEL_INCHES + (cards - 1) * CARD_GAP_INCHES
+    return width, max(1, len(layout)) * (PANEL_INCHES + ROW_EXTRA_INCHES) + (0.3 if flags is not None else 0.0)
 
 
 def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Sequence[int],
                          labels: Sequence[int], path: str | os.PathLike,
-                         class_names: Sequence[str] | None = None, max_cols: int = 4) -> Path:
-    """A grid of faces, each region drawn as a box labelled with its attention weights.
+                         class_names: Sequence[str] | None = None, flags: Any = None,
+                         region_names: Sequence[str] | None = None) -> Path:
+    """Which region carried each face's decision, readable on a 112-pixel face.
+
+    Per face a row: the face with the box of the region that carried most of the decision, then
+    one small panel per region: its crop, its share of the final representation (mu * nu
+    normalised, region_shares) in large type, mu and nu below; the largest share is framed red. With `flags` (the loader's) the clean faces go in a
+    left column and the occluded ones in a right column, side by side.
 
     images (N, 3, H, W) normalised as the loader yields them (ranray.data.schema.normalize);
-    boxes (N, K, 4) as (x0, y0, x1, y1) pixels, region 0 the whole face; mu / nu (N, K) self- and
-    relation-attention weights. Box colour and line width grow with mu; the whole face's weights
-    go in the title because its box is the image border.
+    boxes (N, K, 4) as (x0, y0, x1, y1) pixels, region 0 the whole face; mu / nu (N, K).
     """
     images, boxes, mu, nu = _np(images), _np(boxes), _np(mu), _np(nu)
     n = images.shape[0]
     if not (boxes.shape[:2] == mu.shape == nu.shape and boxes.shape[0] == n == len(preds) == len(labels)):
         raise ValueError(f"shapes disagree: images {images.shape}, boxes {boxes.shape}, mu {mu.shape}, "
                          f"nu {nu.shape}, {len(preds)} preds, {len(labels)} labels")
-    names = list(class_names) if class_names is not None else None
-    rows, cols = attention_grid_shape(n, max_cols)
-    fig = Figure(figsize=attention_figure_size(n, max_cols), dpi=DPI, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i < n:
-            _face_panel(ax, images[i], boxes[i], mu[i], nu[i], int(preds[i]), int(labels[i]), names)
+    k = mu.shape[1]
+    names = list(region_names) if region_names is not None else ["whole face", *(f"region {i}" for i in range(1, k))]
+    classes = list(class_names) if class_names is not None else None
+    shares = region_shares(mu, nu)
+    layout = attention_layout(n, flags)
+    cards = len(layout[0]) if layout else 1
+    fig = Figure(figsize=attention_figure_size(n, k, flags), dpi=DPI, layout="constrained")
+    outer = fig.subfigures(1, cards, wspace=0.02, squeeze=False)[0]
+    for c, sub in enumerate(outer):
+        if flags is not None:
+            sub.suptitle(f"{GROUPS[c][0]} faces", fontsize=10, fontweight="bold")
+        axes = sub.subplots(max(1, len(layout)), k + 1, squeeze=False)
+        for r, row in enumerate(layout):
+            face = row[c]
+            for ax in axes[r]:
+                ax.set_axis_off()
+            if face is not None:
+                _face_row(axes[r], images[face], boxes[face], shares[face], mu[face], nu[face], names,
+                          _title(int(preds[face]), int(labels[face]), classes), int(preds[face]) == int(labels[face]))
     return _save(fig, path)
 
 
-def _face_panel(ax: Any, image: np.ndarray, boxes: np.ndarray, mu: np.ndarray, nu: np.ndarray,
-                pred: int, label: int, names: list[str] | None) -> None:
+def _title(pred: int, label: int, classes: list[str] | None) -> str:
+    def name(i: int) -> str:
+        return classes[i] if classes and 0 <= i < len(classes) else str(i)
+
+    return f"pred {name(pred)}\ntrue {name(label)}"
+
+
+def _face_row(axes: Sequence[Any], image: np.ndarray, boxes: np.ndarray, shares: np.ndarray, mu: np.ndarray,
+              nu: np.ndarray, names: list[str], title: str, correct: bool) -> None:
     rgb = denormalize(image.transpose(1, 2, 0))
-    ax.imshow(rgb)
-    span = float(mu.max() - mu.min()) or 1.0
-    for k in range(1, boxes.shape[0]):
-        x0, y0, x1, y1 = boxes[k]
-        strength = (mu[k] - mu.min()) / span
-        colour = (1.0, 1.0 - strength, 0.0)  # yellow (weakest) to red (strongest)
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                               linewidth=1.0 + 2.0 * strength))
-        ax.text(x0 + 1, y0 + 1, f"μ{mu[k]:.2f} ν{nu[k]:.2f}", color="white" if strength > 0.5 else "black",
-                fontsize=6.5, va="top",
-                bbox={"facecolor": colour, "alpha": 0.75, "pad": 0.5, "linewidth": 0})
-    pred_name = names[pred] if names else str(pred)
-    true_name = names[label] if names and 0 <= label < len(names) else str(label)
-    ax.set_title(f"pred {pred_name} / true {true_name}\nwhole face μ{mu[0]:.2f} ν{nu[0]:.2f}",
-                 fontsize=8, color="darkgreen" if pred == label else "firebrick")
+    best = int(np.argmax(shares))
+    axes[0].imshow(rgb)
+    x0, y0, x1, y1 = boxes[best]
+    axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=2.5))
+    axes[0].set_title(title, fontsize=8, color="darkgreen" if correct else "firebrick")
+    for j, ax in enumerate(axes[1:]):
+        x0, y0, x1, y1 = (int(round(v)) for v in boxes[j])
+        crop = rgb[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
+        ax.imshow(crop)
+        ax.set_title(f"{names[j]}\n{shares[j]:.0%}", fontsize=8, fontweight="bold" if j == best else "normal",
+                     color="firebrick" if j == best else "black")
+        ax.text(0.5, -0.04, f"μ {mu[j]:.2f}  ν {nu[j]:.2f}", transform=ax.transAxes, ha="center", va="top",
+                fontsize=6.5)
+        if j == best:
+            ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor="red",
+                                   linewidth=3, clip_on=False))
