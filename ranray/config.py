@@ -45,6 +45,9 @@ class RunConfig:
     # Engine hooks every worker builds: "module:factory" import paths, each factory called without
     # arguments (ranray.train.engine.Hook; the module must be importable on the workers).
     hooks: list[str] = field(default_factory=list)
+    # The training progress bar on rank 0 (ranray.train.progress): auto = when the driver's stdout is
+    # a terminal (plain log lines under `ray job submit` or a pipe)
+    progress: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -188,6 +191,7 @@ class CheckpointConfig:
 class TrackingConfig:
     uri: str = ""  # empty: MLFLOW_TRACKING_URI, else a sqlite store under the run dir
     experiment: str = "ranray"
+    register_model: str = ""  # Model Registry name for a fine-tuning run's best model; empty: logged, not registered
 
 
 @dataclass

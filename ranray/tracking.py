@@ -391,8 +391,7 @@ class SyncReport:
 
 def synced_log_path(run_dir: str | os.PathLike) -> Path:
     """Where pushed records go, so a second sync does not push them again."""
-    local = RunDir(run_dir).offline_metrics
-    return local.with_name(local.stem + ".synced" + local.suffix)
+    return RunDir(run_dir).synced_metrics
 
 
 def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,

@@ -130,6 +130,10 @@ class Hook:
         """When the worker's training function ends, whether it failed or not."""
 
 
+# Built in, by import path: ranray.train.progress imports this module.
+PROGRESS_HOOK = "ranray.train.progress:TrainProgress"
+
+
 def load_hooks(specs: Iterable[str]) -> list[Hook]:
     """`module:factory` import paths (run.hooks), each called without arguments."""
     hooks = []
@@ -283,7 +287,7 @@ def start(task: Task, cfg: JobConfig, config: dict[str, Any], rank: int, world_s
     precision, channels_last = resolve_device_settings(cfg.precision, cfg.data.channels_last, device, rank)
     e = Engine(cfg=cfg, task=task, rank=rank, world_size=world_size, device=device, run_name=config["run_name"],
                run_dir=RunDir(config["run_dir"]), precision=PRECISIONS[precision], channels_last=channels_last,
-               hooks=load_hooks(cfg.run.hooks))
+               hooks=load_hooks([PROGRESS_HOOK, *cfg.run.hooks]))
     built = task.build(e, resumed=resume is not None)
     e.train_loader, e.val_loader, net = built.train_loader, built.val_loader, built.net
     if resume:

@@ -32,8 +32,10 @@ from ranray.models.losses import rb_margin_for
 from ranray.models.ran import VARIANTS
 from ranray.train.checkpoint import atomic_write_text, export_model, load_checkpoint
 from ranray.train.engine import Built, Engine, Validation, run_worker
-from ranray.train.evaluate import evaluate_loader
-from ranray.train.plots import plot_attention_faces, plot_confusion_matrix
+from ranray.model_card import card_path, write_data_card
+from ranray.model_store import log_best_model
+from ranray.train.evaluate import TrainedModel, evaluate_loader, plot_split_attention
+from ranray.train.plots import plot_confusion_matrix
 from ranray.train.protocols import Splits, protocol_splits
 
 log = logging.getLogger("ranray.train")
@@ -102,6 +104,7 @@ class FineTune:
 
     def save_best(self, e: Engine, v: Validation) -> None:
         export_model(e.net.state_dict(), self.cfg, e.run_dir.best_model)
+        write_data_card(e.run_dir.best_model, self.cfg.data.dir)
         plot_confusion_matrix(v.detail.confusion, v.detail.class_names, e.run_dir.confusion,
                               title=f"{e.run_name}: {self.splits.monitor}, epoch {e.state.best_epoch + 1}, "
                                     f"accuracy {e.state.best_score:.3f}")
@@ -117,10 +120,13 @@ class FineTune:
 
     def finish(self, e: Engine) -> tuple[list[tuple[Path, str]], dict[str, Any]]:
         model_path, config_path = export_model(e.net.state_dict(), self.cfg, e.run_dir.final_model)
+        write_data_card(model_path, self.cfg.data.dir)
         faces = plot_attention(self, e)
         best = e.run_dir.best_model
         artifacts = [(e.run_dir.confusion, "plots"), (faces, "plots"), (best, "model"),
-                     (best.with_suffix(".yaml"), "model"), (config_path, "model")]
+                     (best.with_suffix(".yaml"), "model"), (card_path(best), "model"), (config_path, "model")]
+        if best.is_file():
+            log_best_model(e.tracker, best, self.cfg)  # an MLflow pyfunc, registered if tracking.register_model
         # The task's tags again: a run the driver opened was started without them.
         tags = {**self.tags, "final_model": str(model_path), f"best_{self.score_name}": f"{e.state.best_score:.4f}"}
         if self.splits.test_once and best.is_file():
@@ -166,17 +172,11 @@ def test_best_model(task: FineTune, e: Engine) -> dict[str, float]:
 
 @torch.no_grad()
 def plot_attention(task: FineTune, e: Engine) -> Path:
-    """A few validation faces with their regions and the learned mu / nu written on them."""
-    net = e.net
-    net.eval()
-    e.val_loader.set_epoch(0)
-    batch = next(iter(e.val_loader))
-    n = min(ATTENTION_FACES, len(batch["keys"]))
-    images = batch["images"][:n]
-    landmarks = batch["landmarks"][:n] if task.use_landmarks else None
+    """Clean and occluded faces of the watched split, each region's share of the decision on it."""
+    trained = TrainedModel(e.net, task.cfg, source=str(e.run_dir.final_model))
+    was_training = e.net.training
+    e.net.eval()
     with e.autocast():
-        out = net(images, landmarks)
-    boxes = net.region_boxes(images, landmarks) * images.shape[-1]
-    return plot_attention_faces(images, boxes, out.mu, out.nu, out.logits.argmax(1).tolist(),
-                                batch["labels"][:n].tolist(), e.run_dir.attention,
-                                class_names=class_names_of(task.cfg.model))
+        path = plot_split_attention(trained, e.val_loader, ATTENTION_FACES // 2, e.run_dir.attention)
+    e.net.train(was_training)
+    return path

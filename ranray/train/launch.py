@@ -18,6 +18,7 @@ Running the same command with the same run.name resumes that run from its newest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import yaml
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config, to_dict
+from ranray.train.progress import resolve_progress
 from ranray.train.protocols import protocol_splits
 from ranray.train.elastic import check_run_dir, resume_summary
 from ranray.train.run_dir import RunDir
@@ -205,6 +207,8 @@ def build_trainer(cfg: TrainConfig | PretrainConfig, *, run_name: str | None = N
         log.warning("scaling.num_workers=%s is elastic but checkpoint.max_failures=0: the run starts with what it "
                     "gets, but a lost worker ends it instead of restarting on fewer", s.num_workers)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    # The driver knows whether a person watches its stdout; the workers never have a terminal.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, progress=resolve_progress(cfg.run.progress)))
     loop_config = {"config": to_dict(cfg), "run_name": name, "run_dir": str(run_dir_for(storage, name)),
                    "tracking_run_id": tracking_run_id, "parent_run_id": parent_run_id}
     if plan is not None:

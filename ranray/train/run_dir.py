@@ -11,6 +11,7 @@ Beside Ray Train's checkpoint_* folders and checkpoint_manager_snapshot.json (ra
     mlflow.db, mlartifacts/           the default MLflow store and its artifacts (ranray.tracking)
     tracking.json                     the MLflow run of this directory, so a re-run resumes it
     metrics.jsonl                     what the tracker kept while MLflow was unreachable
+    metrics.synced.jsonl              those records once pushed (`ranray track sync`, or the run's end)
 A Tune search's summary directory is a RunDir too (its tracking files only).
 
 Exported models are plain state_dicts, never read as checkpoints.
@@ -102,3 +103,7 @@ class RunDir:
     @property
     def offline_metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def synced_metrics(self) -> Path:
+        return self.root / "metrics.synced.jsonl"
