@@ -143,7 +143,7 @@ def run_config(variant: str, seed: int, epochs: int, data_dir: Path, workdir: Pa
 def train_and_measure(cfg: TrainConfig, attention_faces: int) -> dict:
     from ranray.train.evaluate import evaluate
     from ranray.train.launch import run_training
-    from ranray.train.occlusion import measure_trained
+    from ranray.train.occlusion import report_trained
 
     started = time.perf_counter()
     result = run_training(cfg)
@@ -152,7 +152,10 @@ def train_and_measure(cfg: TrainConfig, attention_faces: int) -> dict:
     row = {"clean": m["test_acc_clean"], "occluded": m["test_acc_occlusion"], "pose30": m.get("test_acc_pose30"),
            "all": m["test_accuracy"], "train_s": train_s, "load": os.getloadavg()[0], "run_dir": str(result.run_dir)}
     if cfg.model.variant != BASELINE and attention_faces > 0:
-        rows = measure_trained(result.best_model, cfg.data.dir, cfg.data.test_split, max_faces=attention_faces).summary()
+        shift, _ = report_trained(result.best_model, cfg.data.dir, result.run_dir / "attention_shift",
+                                  cfg.data.test_split, max_faces=attention_faces,
+                                  tracking_uri=result.tracking_uri, mlflow_run_id=result.mlflow_run_id)
+        rows = shift.summary()
         row["mu_own"] = statistics.fmean(r["own_mean"] for r in rows)
         row["mu_own_minus_others"] = statistics.fmean(r["own_mean"] - r["others_mean"] for r in rows)
         row["mu_own_fell"] = statistics.fmean(r["own_fell"] for r in rows)

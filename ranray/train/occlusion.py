@@ -179,3 +179,35 @@ def plot_attention_shift(net: RegionAttentionNetwork, images: torch.Tensor, labe
             truth = "ok" if pred == int(labels[i]) else "wrong"
             ax.set_title(f"{'clean' if c == 0 else f'cover {c}'}: {name} ({truth}) face mu {mu[0]:.2f}", fontsize=6)
     return _save(fig, path)
+
+
+def report_trained(weights: str | Path, data_dir: str | Path, out_dir: str | Path, split: str = "test",
+                   max_faces: int | None = None, picture_faces: int = 4, tracking_uri: str | None = None,
+                   mlflow_run_id: str | None = None) -> tuple[AttentionShift, dict[str, Path]]:
+    """measure_trained, plus attention_shift.json and attention_shift.png (the first clean faces) in
+    out_dir; logged under plots/ of the MLflow run when one is given."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from ranray.config import CLASS_NAMES
+    from ranray.data.loader import build_loader
+    from ranray.train.evaluate import load_trained_model
+
+    shift = measure_trained(weights, data_dir, split, max_faces=max_faces)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trained = load_trained_model(weights)
+    batch = next(iter(build_loader(data_dir, split, batch_size=64, training=False, backend="torch", num_threads=0)))
+    keep = ((batch["flags"] & SUBSET_MASK) == 0).nonzero().flatten()[:picture_faces]
+    landmarks = batch["landmarks"][keep] if trained.uses_landmarks else None
+    files = {"json": out / "attention_shift.json", "png": out / "attention_shift.png"}
+    files["json"].write_text(json.dumps({"faces": shift.faces, "clean_accuracy": shift.clean_accuracy,
+                                         "regions": shift.summary()}, indent=1))
+    plot_attention_shift(trained.net, batch["images"][keep].float(), batch["labels"][keep], landmarks, files["png"],
+                         class_names=list(CLASS_NAMES[: trained.cfg.model.num_classes]))
+    if tracking_uri and mlflow_run_id:
+        client = MlflowClient(tracking_uri)
+        for path in files.values():
+            client.log_artifact(mlflow_run_id, str(path), "plots")
+    return shift, files
