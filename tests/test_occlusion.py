@@ -9,18 +9,21 @@ lower its weight and cost the accuracy, covering a top region much less).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
 
 from ranray.config import ModelConfig
 from ranray.data.loader import build_loader
 from ranray.models.ran import RegionAttentionNetwork
-from ranray.train.occlusion import cover_box, measure_attention_shift, measure_trained, plot_attention_shift
+from ranray.tracking import list_artifacts
+from ranray.train.occlusion import cover_box, measure_attention_shift, measure_trained, report_trained
 
 
 class ContrastBackbone(nn.Module):
@@ -88,6 +91,12 @@ def test_trained_ran_attends_to_the_class_region_and_loses_it_covered(ray_sessio
                       "checkpoint.every_n_steps=0")
     result = run_training(cfg)
     shift = measure_trained(result.best_model, data_dir, "test")
+    again, files = report_trained(result.best_model, data_dir, tmp_path / "shift", tracking_uri=result.tracking_uri,
+                                  mlflow_run_id=result.mlflow_run_id)
+    assert again.summary() == shift.summary()  # the same faces, the same model: the same figures
+    assert json.loads(files["json"].read_text())["regions"] == shift.summary()
+    assert {"plots/attention_shift.json", "plots/attention_shift.png"} <= set(
+        list_artifacts(result.tracking_uri, result.mlflow_run_id))
     rows = {r["name"]: r for r in shift.summary()}
     assert set(rows) == {"top-left", "top-right", "centre-bottom"} and shift.faces == 16
     assert shift.clean_accuracy >= 0.75
@@ -103,14 +112,6 @@ def test_trained_ran_attends_to_the_class_region_and_loses_it_covered(ray_sessio
         assert rows[name]["accuracy_covered"] >= mouth["accuracy_covered"] + 0.2, rows[name]
     for r in rows.values():
         assert math.isfinite(r["own_std"]) and 0.0 < r["clean_mu"] < 1.0
-    loader = build_loader(data_dir, "test", batch_size=4, backend="torch", num_threads=0)
-    batch = next(iter(loader))
-    from ranray.train.evaluate import load_trained_model
-
-    png = plot_attention_shift(load_trained_model(result.best_model).net, batch["images"], batch["labels"], None,
-                               tmp_path / "shift.png")
-    from PIL import Image
-
-    with Image.open(png) as img:
+    with Image.open(files["png"]) as img:  # 4 clean faces x (clean + 3 covered regions)
         assert img.size == (int(1.9 * 4 * 100), int(2.0 * 4 * 100))
         assert np.asarray(img.convert("L")).std() > 10  # faces drawn, not a blank canvas
