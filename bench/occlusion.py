@@ -167,11 +167,11 @@ def train_and_measure(cfg: TrainConfig, attention_faces: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def mean_std(values: list[float], scale: float = 100.0) -> str:
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     vals = [v * scale for v in values if v is not None]
     if not vals:
         return "n/a"
-    return f"{statistics.fmean(vals):.1f} +- {statistics.stdev(vals) if len(vals) > 1 else 0.0:.1f}"
+    return f"{statistics.fmean(vals):.{digits}f} +- {statistics.stdev(vals) if len(vals) > 1 else 0.0:.{digits}f}"
 
 
 def paired_gap(runs: dict[tuple[str, int], dict], variant: str, key: str) -> list[float]:
@@ -197,9 +197,10 @@ def table(runs: dict[tuple[str, int], dict], variants: tuple[str, ...]) -> tuple
         occ_gap, clean_gap = paired_gap(runs, v, "occluded"), paired_gap(runs, v, "clean")
         rows.append([v, len(got), mean_std([r["clean"] for r in got]), mean_std([r["occluded"] for r in got]),
                      mean_std([r["pose30"] for r in got]),
-                     "-" if v == BASELINE else mean_std(occ_gap, 1.0), "-" if v == BASELINE else mean_std(clean_gap, 1.0),
-                     mean_std([r.get("mu_own") for r in got], 1.0).replace("n/a", "-"),
-                     mean_std([r.get("mu_own_minus_others") for r in got], 1.0).replace("n/a", "-"),
+                     "-" if v == BASELINE else mean_std(occ_gap, 1.0),
+                     "-" if v == BASELINE else mean_std(clean_gap, 1.0),
+                     mean_std([r.get("mu_own") for r in got], 1.0, 3).replace("n/a", "-"),
+                     mean_std([r.get("mu_own_minus_others") for r in got], 1.0, 3).replace("n/a", "-"),
                      f"{statistics.fmean(r['train_s'] for r in got):.0f}",
                      "-" if v == BASELINE else ("yes" if meets_bar(occ_gap, clean_gap) else "no")])
     return headers, rows
@@ -305,13 +306,15 @@ def main(argv: list[str] | None = None) -> int:
 def write_table(args: argparse.Namespace, size: Size, runs: dict[tuple[str, int], dict]) -> int:
     runs = {k: r for k, r in runs.items() if k[1] < size.seeds and k[0] in size.variants}
     headers, rows = table(runs, size.variants)
+    loads = [r["load"] for r in runs.values()] or [os.getloadavg()[0]]
     notes = (f"size {args.size}: {size.train} train / {size.val} val / {size.test} test faces per seed "
              f"(train occluded {args.train_occlusion:.0%}, test {args.test_occlusion:.0%}: "
              f"{', '.join(STUDY_OCCLUDERS)}), jobs/demo.yaml (iresnet_tiny, 2 workers), {size.epochs} epochs, "
              f"seeds 0..{size.seeds - 1}; accuracy of the best-val model on the test split, mean +- std over seeds; "
              f"gaps paired by seed; mu change: a region's self-attention weight with that region covered minus "
              f"clean, mean over regions, on {args.attention_faces} clean test faces; bar: occluded gap >= "
-             f"{BAR_POINTS:g} pts and > 2 std, clean gap >= 0. {cpu_line()}; load at the end "
+             f"{BAR_POINTS:g} pts and > 2 std, clean gap >= 0. {cpu_line()}; 1-min load at the end of the runs "
+             f"{min(loads):.1f}..{max(loads):.1f}, at the table "
              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.no_results:
         from _results import markdown_table
