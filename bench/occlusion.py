@@ -117,9 +117,14 @@ def prepare_seed(workdir: Path, opts: SynthOptions) -> Path:
 
 def check_occlusion_flags(data_dir: Path, split: str = "test") -> int:
     """Occluded faces in the split; refuse (SystemExit) a dataset without any: nothing to measure."""
+    from ranray.data.schema import DatasetError
     from ranray.data.shards import build_index
 
-    occluded = build_index(data_dir, split, "occlusion").num_rows
+    try:
+        occluded = build_index(data_dir, split, "occlusion").num_rows
+    except DatasetError as exc:
+        raise SystemExit(f"bench/occlusion.py: --data {data_dir} is not a prepared dataset with a '{split}' split: "
+                         f"{exc}") from exc
     if occluded == 0:
         raise SystemExit(f"bench/occlusion.py: {data_dir} split '{split}' has no faces flagged 'occlusion' "
                          f"(subset_lists.occlusion at prepare time): there is no occluded accuracy to compare; "
