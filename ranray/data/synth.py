@@ -30,8 +30,8 @@ from ranray.config import CLASS_NAMES, PrepareConfig
 from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SUBSET_FLAGS
 from ranray.data.sources.common import CLASS_TABLES
 from ranray.data.sources.ferplus import VOTE_COLUMNS
-from ranray.data.synth_face import (OCCLUDERS, FaceSpec, Identity, Occluder, Pose, background, render,
-                                    sample_identity)
+from ranray.data.synth_face import (DEFAULT_OCCLUDERS, OCCLUDERS, FaceSpec, Identity, Occluder, Pose, background,
+                                    render, sample_identity)
 
 SPLITS = (("train", "Training"), ("val", "PublicTest"), ("test", "PrivateTest"))
 FORMAT_NAMES = ("ferplus", "imagefolder", "identity")
@@ -55,6 +55,10 @@ class SynthOptions:
     size: int = 0  # image side; 0: 48 (ferplus), 112 (imagefolder, identity), 256 (wild)
     wild: bool = False  # imagefolder: the face at a random place and scale in a cluttered scene
     occlusion_frac: float = 0.15  # faces with sunglasses, a mask, a hand or blocks (flagged)
+    # The test split's occluded share; None: occlusion_frac (the occlusion study wants half its test
+    # faces covered while training sees fewer)
+    test_occlusion_frac: float | None = None
+    occluders: tuple[str, ...] = DEFAULT_OCCLUDERS  # kinds drawn from (OCCLUDERS), uniformly
     large_pose_frac: float = 0.15  # faces turned 30-60 degrees (flagged pose30, and pose45 past 45)
     split_fracs: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test
     non_face_frac: float = 0.01  # ferplus: rows of clutter voted NF (rejected by prepare)
@@ -71,14 +75,21 @@ class SynthOptions:
             f"format must be one of {sorted(FORMAT_NAMES)}": self.format in FORMAT_NAMES,
             "split_fracs must be 3 fractions summing to 1": len(self.split_fracs) == 3
             and abs(sum(self.split_fracs) - 1.0) < 1e-6 and min(self.split_fracs) >= 0,
-            "occlusion_frac, large_pose_frac and non_face_frac must be in [0, 1]":
-                all(0.0 <= f <= 1.0 for f in (self.occlusion_frac, self.large_pose_frac, self.non_face_frac)),
+            "occlusion_frac, test_occlusion_frac, large_pose_frac and non_face_frac must be in [0, 1]":
+                all(0.0 <= f <= 1.0 for f in (self.occlusion_frac, self.occlusion_frac_for("test"),
+                                              self.large_pose_frac, self.non_face_frac)),
+            f"occluders must be a non-empty subset of {sorted(OCCLUDERS)}":
+                len(self.occluders) > 0 and set(self.occluders) <= set(OCCLUDERS),
             "per_identity must be >= 2 (verification pairs need two images of a person)": self.per_identity >= 2,
             "size must be 0 (default) or >= 32": self.size == 0 or self.size >= 32,
         }
         failed = [what for what, ok in checks.items() if not ok]
         if failed:
             raise ValueError(f"synth options: {'; '.join(failed)}")
+
+    def occlusion_frac_for(self, split: str) -> float:
+        test = self.test_occlusion_frac
+        return test if split == "test" and test is not None else self.occlusion_frac
 
     def image_size(self) -> int:
         if self.size:
@@ -124,8 +135,9 @@ class Sample:
                 | (FLAG_POSE45 if yaw > 45 else 0))
 
 
-def sample_spec(opts: SynthOptions, index: int, label: int, identity: Identity | None = None) -> FaceSpec:
-    """Face `index` of the dataset: depends only on (seed, index, label, identity), not on n."""
+def sample_spec(opts: SynthOptions, index: int, label: int, identity: Identity | None = None,
+                split: str = "train") -> FaceSpec:
+    """Face `index` of the dataset: depends only on (seed, index, label, identity, split), not on n."""
     rng = np.random.default_rng([opts.seed, index, 1])
     ident = identity or sample_identity(rng)
     if rng.random() < opts.large_pose_frac:
@@ -133,8 +145,8 @@ def sample_spec(opts: SynthOptions, index: int, label: int, identity: Identity |
     else:
         yaw = float(np.clip(rng.normal(0, 8), -20, 20))
     occluder = None
-    if rng.random() < opts.occlusion_frac:
-        occluder = Occluder(kind=str(rng.choice(sorted(OCCLUDERS))), seed=int(rng.integers(2 ** 31)))
+    if rng.random() < opts.occlusion_frac_for(split):
+        occluder = Occluder(kind=str(rng.choice(sorted(opts.occluders))), seed=int(rng.integers(2 ** 31)))
     return FaceSpec(
         identity=ident, label=label, strength=float(rng.uniform(*opts.strength)), flip_side=bool(rng.integers(2)),
         pose=Pose(yaw=yaw, pitch=float(np.clip(rng.normal(0, 6), -15, 15)),
@@ -227,7 +239,8 @@ def write_ferplus(root: Path, opts: SynthOptions) -> Written:
                 votes = [0] * 8 + [int(v) for v in _nf_votes(vote_rng)]
             else:
                 name = f"fer{i:07d}.png"
-                sample = Sample(key=name, split=split, label=label, spec=sample_spec(opts, i, label))
+                spec = sample_spec(opts, i, label, split=split)
+                sample = Sample(key=name, split=split, label=label, spec=spec)
                 img, marks[name] = draw(sample, size)
                 samples.append(sample)
                 votes = _votes(vote_rng, label, opts)
@@ -248,7 +261,7 @@ def write_imagefolder(root: Path, opts: SynthOptions) -> Written:
     samples, marks, counts = [], {}, {s: 0 for s, _ in SPLITS}
     for i, (split, label) in enumerate(split_plan(opts.n, opts)):
         key = f"{split}/{CLASS_NAMES[label]}/{i:07d}.png"
-        sample = Sample(key=key, split=split, label=label, spec=sample_spec(opts, i, label))
+        sample = Sample(key=key, split=split, label=label, spec=sample_spec(opts, i, label, split=split))
         img, marks[key] = draw(sample, size)
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         img.save(root / key)
@@ -271,7 +284,8 @@ def write_identity(root: Path, opts: SynthOptions) -> Written:
             index = ident_index * opts.per_identity + k
             label = int(np.random.default_rng([opts.seed, index, 6]).integers(len(CLASS_NAMES)))
             key = f"{split}/{name}/{k:03d}.png"
-            sample = Sample(key=key, split=split, label=label, spec=sample_spec(opts, index, label, ident))
+            spec = sample_spec(opts, index, label, ident, split=split)
+            sample = Sample(key=key, split=split, label=label, spec=spec)
             img, marks[key] = draw(sample, size)
             (root / key).parent.mkdir(parents=True, exist_ok=True)
             img.save(root / key)

@@ -278,7 +278,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
 
 @dataclass(frozen=True)
 class Occluder:
-    kind: str  # "sunglasses", "mask", "hand", "block"
+    kind: str  # a key of OCCLUDERS
     seed: int
 
 
@@ -582,7 +582,22 @@ def _block(draw, pts, iod, rng, ident) -> None:
         draw.rectangle([c[0] - w / 2, c[1] - h / 2, c[0] + w / 2, c[1] + h / 2], fill=col)
 
 
-OCCLUDERS = {"sunglasses": _sunglasses, "mask": _mask, "hand": _hand, "block": _block}
+def _half(side: int):
+    """A flat card over one half of the face (side -1: image-left), from above the brows to below
+    the chin, edge on the nose line: what a turned-away or half-hidden face loses."""
+    def draw_half(draw, pts, iod, rng, ident) -> None:
+        col = tuple(int(c) for c in rng.integers(0, 256, 3))
+        edge = pts[27:31, 0].mean() + side * rng.uniform(-0.05, 0.1) * iod
+        far = edge + side * 3.0 * iod
+        top, bottom = pts[17:27, 1].min() - 0.8 * iod, pts[8, 1] + 0.5 * iod
+        draw.rectangle([min(edge, far), top, max(edge, far), bottom], fill=col)
+    return draw_half
+
+
+OCCLUDERS = {"sunglasses": _sunglasses, "mask": _mask, "hand": _hand, "block": _block,
+             "half_left": _half(-1), "half_right": _half(1)}
+# What `ranray synth` draws from (the kinds it always had, so its datasets keep their bytes).
+DEFAULT_OCCLUDERS = ("block", "hand", "mask", "sunglasses")
 
 
 def _lighting(img: Image.Image, spec: FaceSpec, pts: np.ndarray) -> Image.Image:
