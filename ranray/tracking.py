@@ -586,6 +586,14 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
     return sorted((m.step, m.value) for m in history)
 
 
+def log_run_artifacts(tracking_uri: str, run_id: str, paths: Iterable[str | os.PathLike],
+                      artifact_path: str | None = None) -> None:
+    """Add files to a finished run (e.g. a measurement made after training)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
 def read_local_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records a tracker kept locally while MLflow was unreachable."""
     path = RunDir(run_dir).offline_metrics

@@ -85,6 +85,21 @@ def prepare_data(workdir: Path, args: argparse.Namespace, times: dict[str, float
     print(summary_line)
 
 
+# What region attention buys, measured by bench/occlusion.py (docs/OCCLUSION.md); in a source checkout.
+OCCLUSION_STUDY = Path(__file__).resolve().parents[2] / "bench" / "occlusion_baseline.json"
+
+
+def occlusion_study_line() -> str:
+    """The occlusion study's RAN and whole-face figures beside the demo's own, when the study has run."""
+    try:
+        b = json.loads(OCCLUSION_STUDY.read_text())
+        return (f" (occlusion study, {b['size']} size, {b['whole_face']['seeds']} seeds on its own faces: "
+                f"whole-face baseline {b['whole_face']['occluded']:.3f}, RAN {b['ran']['occluded']:.3f}; "
+                "docs/OCCLUSION.md)")
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def summary(result, report, times: dict[str, float], total_s: float) -> str:
     from ranray.model_card import describe, synthetic_warning
     from ranray.train.launch import format_table
@@ -101,7 +116,7 @@ def summary(result, report, times: dict[str, float], total_s: float) -> str:
     rows = [
         ("test accuracy, all faces", f"{acc('accuracy')} ({int(m.get(pre + 'samples', 0))} faces)"),
         ("test accuracy, clean faces", f"{acc('acc_clean')} ({verdict} the {TARGET_CLEAN_ACCURACY:.0%} target)"),
-        ("test accuracy, occluded", acc("acc_occlusion")),
+        ("test accuracy, occluded", acc("acc_occlusion") + occlusion_study_line()),
         ("test accuracy, pose > 30 deg", acc("acc_pose30")),
         ("test accuracy, pose > 45 deg", acc("acc_pose45")),
         ("best val accuracy", f"{result.metrics.get('best_val_accuracy', math.nan):.3f}"),

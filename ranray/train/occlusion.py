@@ -188,10 +188,8 @@ def report_trained(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     out_dir; logged under plots/ of the MLflow run when one is given."""
     import json
 
-    from mlflow.tracking import MlflowClient
-
-    from ranray.config import CLASS_NAMES
     from ranray.data.loader import build_loader
+    from ranray.tracking import log_run_artifacts
     from ranray.train.evaluate import load_trained_model
 
     shift = measure_trained(weights, data_dir, split, max_faces=max_faces)
@@ -205,9 +203,7 @@ def report_trained(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
     files["json"].write_text(json.dumps({"faces": shift.faces, "clean_accuracy": shift.clean_accuracy,
                                          "regions": shift.summary()}, indent=1))
     plot_attention_shift(trained.net, batch["images"][keep].float(), batch["labels"][keep], landmarks, files["png"],
-                         class_names=list(CLASS_NAMES[: trained.cfg.model.num_classes]))
+                         class_names=list(trained.class_names))
     if tracking_uri and mlflow_run_id:
-        client = MlflowClient(tracking_uri)
-        for path in files.values():
-            client.log_artifact(mlflow_run_id, str(path), "plots")
+        log_run_artifacts(tracking_uri, mlflow_run_id, files.values(), "plots")
     return shift, files
