@@ -50,7 +50,8 @@ def test_worker_killed_by_sigsegv_ends_in_one_line_a_failed_run_and_a_good_check
     data = learnable_dataset(tmp_path / "ds")
     cfg = tiny_config(data, tmp_path / "runs", "segv", "epochs=40", "checkpoint.max_failures=1")
     run_dir = tmp_path / "runs" / "segv"
-    args = [sys.executable, "-m", "ranray.cli", "train", *(f"{k}={v}" for k, v in flatten(cfg).items()
+    args = [sys.executable, "-m", "ranray.cli", "train", *(f"{k}={'null' if v is None else v}"
+                                                            for k, v in flatten(cfg).items()
                                                             if not isinstance(v, (list, dict)))]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
