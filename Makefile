@@ -9,7 +9,7 @@ DEMO_ARGS ?=
 
 .PHONY: venv test test-cluster demo bench clean
 # The multi-node job tests (demo job on a local 4-node cluster, node and driver kills) run on their
-# own: 4-9 minutes on a quiet 2-core machine (.ci/run runs them after `make test` and the demo).
+# own: 10-15 minutes on a 2-core machine (.ci/run runs them after `make test` and the demo).
 CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py tests/test_cluster_elastic.py tests/test_prepare_cluster.py
 
 $(STAMP): pyproject.toml
