@@ -222,4 +222,6 @@ def test_driver_killed_then_resubmitted_resumes_from_the_last_checkpoint(cluster
     first, *_, resumed = starts(run_dir)
     assert first == (0, 0)
     assert committed <= resumed[1] <= stopped_at  # from the last committed checkpoint, not from 0
-    assert lost_steps(run_dir) == [stopped_at - resumed[1]] and stopped_at - resumed[1] <= CHECKPOINT_EVERY
+    # The killed driver's workers die a moment after the job reads FAILED: they may log a step past stopped_at.
+    (lost,) = lost_steps(run_dir)
+    assert stopped_at - resumed[1] <= lost <= CHECKPOINT_EVERY

@@ -10,6 +10,7 @@ native trace on the terminal, the MLflow run FAILED, and the last checkpoint int
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def test_worker_killed_by_sigsegv_ends_in_one_line_a_failed_run_and_a_good_check
     # Tracebacks of the workers (the survivor's broken collective too), of the controller and of the driver are
     # in the logs; Ray's own service actors (e.g. its PlacementGroupCleaner under load) may still print theirs.
     ours = [line for line in (out + err).splitlines() if "Traceback" in line
-            and ("RayTrainWorker" in line or "TrainController" in line or not line.lstrip("\x1b[0-9m").startswith("("))]
+            and ("RayTrainWorker" in line or "TrainController" in line
+                 or not re.sub(r"\x1b\[[0-9;]*m", "", line).startswith("("))]
     assert not ours, ours
     assert "Worker info: Worker(" not in err  # Ray Train's failure dumps are not streamed either
 
