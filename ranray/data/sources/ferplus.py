@@ -222,10 +222,16 @@ def _row(i: int, fer: list[str], new: list[str], cols: _Columns, label_mode: str
         return _reject(row, "bad_usage", f"{new_path} line {line}: Usage '{usage}'")
     if not name:
         return _reject(row, "not_face_row", f"{new_path} line {line}: empty Image name (a FERPlus non-face row)")
+    return label_from_votes(row, label_mode, f"{new_path} line {line}")
+
+
+def label_from_votes(row: SourceRow, label_mode: str, where: str) -> SourceRow:
+    """The row's target and label from its votes (training rows in `label_mode`, the rest majority),
+    or a reject naming `where`."""
     mode = label_mode if row.split == "train" else EVAL_MODE
     target, reason = ferplus_target(row.votes, mode)
     if reason:
-        return _reject(row, reason, f"{new_path} line {line}: votes {row.votes} ({mode})")
+        return _reject(row, reason, f"{where}: votes {row.votes} ({mode})")
     row.target = target
     row.label = max(range(len(target)), key=lambda k: (target[k], -k))
     return row

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_VOTES
 from ranray.data.sources.common import SourceError, SourceRow, parse_csv_line, require_dir
-from ranray.data.sources.ferplus import EVAL_MODE, ferplus_target
+from ranray.data.sources.ferplus import EVAL_MODE, label_from_votes
 from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
 
 LABEL_FILE = "label.csv"
@@ -82,13 +82,7 @@ class LabelCsvParser:
             return _reject(row, *problem)
         x, y, w, h = (int(v) for v in box.groups())
         row.box = [float(x), float(y), float(x + w), float(y + h)]
-        mode = self.label_mode if split == "train" else EVAL_MODE
-        target, reason = ferplus_target(row.votes, mode)
-        if reason:
-            return _reject(row, reason, f"{where}: votes {row.votes} ({mode})")
-        row.target = target
-        row.label = max(range(len(target)), key=lambda k: (target[k], -k))
-        return row
+        return label_from_votes(row, self.label_mode, where)
 
 
 def _image_problem(path: Path) -> tuple[str, str] | None:
