@@ -84,7 +84,7 @@ class FineTune:
 
     def build(self, e: Engine, resumed: bool) -> Built:
         cfg = self.cfg
-        train_loader, val_loader = build_loaders(cfg, e.rank, e.world_size, e.device, e.channels_last)
+        train_loader, val_loader = build_loaders(cfg, self.splits, e.rank, e.world_size, e.device, e.channels_last)
         net = build_ran(dataclasses.replace(cfg.model, init_backbone="") if resumed else cfg.model)
         return Built(train_loader, val_loader, net)
 
@@ -137,12 +137,11 @@ class FineTune:
         return artifacts, tags
 
 
-def build_loaders(cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
+def build_loaders(cfg: TrainConfig, splits: Splits, rank: int, world_size: int, device: torch.device,
                   channels_last: bool) -> tuple[FaceLoader, FaceLoader]:
     common = dict(rank=rank, world_size=world_size, seed=cfg.run.seed, backend=cfg.data.loader, device=device,
                   num_threads=cfg.data.num_threads, channels_last=channels_last,
                   subset=cfg.data.train_subset)
-    splits = protocol_splits(cfg.protocol, cfg.data)
     train_loader = build_loader(cfg.data.dir, splits.train, batch_size=cfg.batch_size, training=True,
                                 augment=cfg.data.augment, **common)
     val_loader = build_loader(cfg.data.dir, splits.monitor, batch_size=cfg.batch_size, training=False,
