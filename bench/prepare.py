@@ -5,8 +5,10 @@
   scale      driver peak RSS and faces/s at 20k and 200k synthetic RecordIO rows (detector none):
              each prepare runs in a fresh driver process connected to this bench's Ray
   detectors  detector none vs dlib ("given") faces/s on the same aligned 112x112 RecordIO faces
+  nodes      `ray job submit` of prepare to the local multi-node cluster (cluster/local.sh): 1 vs 3
+             worker nodes, and one node with 2 CPUs vs 2 nodes with 1 (not in the default parts)
 
-    .venv/bin/python bench/prepare.py [--parts align,scale,detectors] [--n 5000]
+    .venv/bin/python bench/prepare.py [--parts align,scale,detectors,nodes] [--n 5000]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,11 +100,7 @@ def child_prepare(overrides: list[str], env: dict[str, str]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def part_align(tmp: Path, n: int, cpus: int) -> None:
-    raw = synthesize(tmp / "fer", SynthOptions(n=n, seed=0, non_face_frac=0.0))
-    cfg = raw.prepare_config(tmp / "unused")
-    rows = [vars(r) for r in READERS[cfg.source](cfg).rows if not r.reason]
-    faces = DlibFaces(align_options(cfg), cfg.jpeg_quality)  # loading not timed
+def _plain_rate(faces: DlibFaces, rows: list[dict]) -> tuple[int, float]:
     start = time.perf_counter()
     written = 0
     for row in rows:
@@ -110,28 +109,91 @@ def part_align(tmp: Path, n: int, cpus: int) -> None:
             written += 1
         except Exception:  # noqa: BLE001 - a reject counts as no face, as in prepare
             pass
-    plain = written / (time.perf_counter() - start)
-    table = [["plain loop (1 process, no Ray)", 1, written, round(written / plain, 1), round(plain, 1)]]
-    table[0].append(round(plain, 1))
-    rates, steady = {}, {}
-    for workers in sorted({1, cpus}):
-        marks: list[tuple[float, int]] = []  # (time, input rows done) at each progress line
-        s = prepare(dataclasses.replace(cfg, out=str(tmp / f"align{workers}"), num_workers=workers, progress_every=4),
-                    progress=lambda line: marks.append((time.perf_counter(), int(line.split(" blocks, ")[1].split("/")[0]))))
-        rates[workers] = s.rows_written / s.seconds
-        # Steady state: from the first progress line (the actors are up, dlib loaded) to the last.
-        (t0, r0), (t1, r1) = marks[0], marks[-1]
-        steady[workers] = (r1 - r0) / (t1 - t0) if t1 > t0 else float("nan")
-        table.append([f"prepare, {workers} worker(s)", workers, s.rows_written, s.seconds, round(rates[workers], 1),
-                      round(steady[workers], 1)])
-    scaling = rates[cpus] / rates[1] / cpus if cpus > 1 else 1.0
+    return written, written / (time.perf_counter() - start)
+
+
+def _prepare_rates(cfg, out: Path, workers: int) -> tuple[int, float, float, float]:
+    """(written, seconds, faces/s end to end, rows/s steady): steady runs from the first progress
+    line (actors up, dlib loaded) to the last but one (the tail, where workers run out of blocks)."""
+    marks: list[tuple[float, int]] = []
+    s = prepare(dataclasses.replace(cfg, out=str(out), num_workers=workers, progress_every=4),
+                progress=lambda line: marks.append((time.perf_counter(), int(line.split(" blocks, ")[1].split("/")[0]))))
+    (t0, r0), (t1, r1) = marks[0], marks[max(1, len(marks) - 2)]
+    return s.rows_written, s.seconds, s.rows_written / s.seconds, (r1 - r0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def part_align(tmp: Path, n: int, cpus: int, repeats: int) -> None:
+    """Each configuration `repeats` times, interleaved (this machine's speed drifts by 10-20% from one
+    minute to the next); the table gives the median of each."""
+    raw = synthesize(tmp / "fer", SynthOptions(n=n, seed=0, non_face_frac=0.0))
+    cfg = raw.prepare_config(tmp / "unused")
+    rows = [vars(r) for r in READERS[cfg.source](cfg).rows if not r.reason]
+    faces = DlibFaces(align_options(cfg), cfg.jpeg_quality)  # loading not timed
+    counts = sorted({1, cpus})
+    plain: list[float] = []
+    runs: dict[int, list[tuple[int, float, float, float]]] = {w: [] for w in counts}
+    for rep in range(repeats):
+        written, rate = _plain_rate(faces, rows)
+        plain.append(rate)
+        for workers in counts:
+            runs[workers].append(_prepare_rates(cfg, tmp / f"align{workers}-{rep}", workers))
+    med = statistics.median
+    table = [["plain loop (1 process, no Ray)", 1, written, round(written / med(plain), 1), round(med(plain), 1),
+              round(med(plain), 1), spread(plain)]]
+    e2e = {w: med(r[2] for r in runs[w]) for w in counts}
+    steady = {w: med(r[3] for r in runs[w]) for w in counts}
+    for w in counts:
+        table.append([f"prepare, {w} worker(s)", w, runs[w][0][0], round(med(r[1] for r in runs[w]), 1),
+                      round(e2e[w], 1), round(steady[w], 1), spread([r[2] for r in runs[w]])])
+    scaling = e2e[cpus] / e2e[1] / cpus if cpus > 1 else 1.0
     steady_scaling = steady[cpus] / steady[1] / cpus if cpus > 1 else 1.0
     report("prepare: dlib faces/s (workers read, align and write their own blocks; 48x48 synthetic FERPlus)",
-           ["run", "workers", "faces", "seconds", "faces/s end to end", "rows/s steady state"], table,
-           notes=f"Scaling {cpus} workers vs 1 (fraction of linear): {scaling:.2f} end to end (start-up, planning "
-                 f"and the manifest included), {steady_scaling:.2f} steady state; prepare x{cpus} vs the plain loop: "
-                 f"{rates[cpus] / plain:.2f}x end to end, {steady[cpus] / plain:.2f}x steady. "
-                 f"Load average after the runs: {load()} on {cpus} CPUs.")
+           ["run", "workers", "faces", "seconds", "faces/s end to end", "rows/s steady state",
+            f"end-to-end min-max of {repeats}"], table,
+           notes=f"Medians of {repeats} interleaved repeats on a Ray started before the first (no run pays its "
+                 f"start-up). Scaling {cpus} workers vs 1 (fraction of linear): {scaling:.2f} end to end "
+                 f"(actor start-up, dlib load, planning and the manifest included), {steady_scaling:.2f} steady "
+                 f"state; prepare x{cpus} vs the plain loop: {e2e[cpus] / med(plain):.2f}x end to end, "
+                 f"{steady[cpus] / med(plain):.2f}x steady. Load average after the runs: {load()} on {cpus} CPUs.")
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}"
+
+
+def part_nodes(tmp: Path, n: int, layouts: list[tuple[int, int]]) -> None:
+    """`ranray prepare` submitted with `ray job submit` to the local multi-node cluster (cluster/local.sh),
+    one fresh cluster per layout (worker nodes x CPUs per node; the head has no CPUs)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from cluster_utils import LocalCluster
+
+    raw = synthesize(tmp / "fer-nodes", SynthOptions(n=n, seed=0, non_face_frac=0.0))
+    table = []
+    for nodes, cpus in layouts:
+        out = tmp / f"nodes{nodes}x{cpus}"
+        entry = [sys.executable, "-m", "ranray.cli", "prepare", "ferplus", str(raw.root), "--out", str(out),
+                 f"num_workers={nodes * cpus}"]
+        with LocalCluster.up(workers=nodes, cpus_per_worker=cpus) as cluster:
+            sid = cluster.submit(entry)
+            info = cluster.wait_job(sid, timeout=1800)
+            if info["status"] != "SUCCEEDED":
+                raise RuntimeError(cluster.job_logs(sid)[-3000:])
+        manifest = json.loads((out / "manifest.json").read_text())
+        job_s = (info["end_time"] - info["start_time"]) / 1000
+        written = manifest["rows_written"]
+        table.append([nodes, cpus, nodes * cpus, written, round(job_s, 1), manifest["seconds"],
+                      round(written / job_s, 1), round(written / manifest["seconds"], 1), load()])
+    base = table[0][6]
+    for row in table:
+        row.insert(7, round(row[6] / base, 2))
+    report("prepare on the local multi-node cluster: worker nodes vs faces/s (ray job submit, dlib, 48x48 FERPlus)",
+           ["worker nodes", "CPUs per node", "align actors", "faces", "job s (submit to end)", "prepare s",
+            "faces/s (job)", f"vs {table[0][0]}x{table[0][1]}", "faces/s (prepare)", "load average"], table,
+           notes=f"Every node of cluster/local.sh is its own raylet, object store and workers (own network "
+                 f"namespace where the machine allows it), but all of them share this machine's "
+                 f"{os.cpu_count()} cores: more nodes than cores cannot add throughput here, so a row with more "
+                 f"actors than cores shows what the extra nodes cost, not how a real cluster scales. Equal-core "
+                 f"rows (one node with all CPUs vs one CPU per node) isolate the cost of crossing nodes.")
 
 
 def part_scale(tmp: Path, sizes: list[int], cpus: int, env: dict[str, str]) -> None:
@@ -174,9 +236,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000, help="faces for the align part")
     parser.add_argument("--sizes", default="20000,200000", help="RecordIO rows for the scale part")
     parser.add_argument("--detector-rows", type=int, default=2000)
+    parser.add_argument("--layouts", default="1x1,3x1,1x2,2x1",
+                        help="nodes part: worker nodes x CPUs per node, one cluster each")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the align part")
     args = parser.parse_args()
     parts = args.parts.split(",")
     cpus = os.cpu_count() or 1
+    if "nodes" in parts:  # before this bench's own Ray starts: the cluster gets the machine to itself
+        with tempfile.TemporaryDirectory() as tmp:
+            part_nodes(Path(tmp), args.n, [tuple(map(int, lay.split("x"))) for lay in args.layouts.split(",")])
+        parts.remove("nodes")
+    if not parts:
+        return
 
     import ray
 
@@ -185,7 +256,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if "align" in parts:
-                part_align(Path(tmp), args.n, cpus)
+                part_align(Path(tmp), args.n, cpus, args.repeats)
             if "scale" in parts:
                 part_scale(Path(tmp), [int(s) for s in args.sizes.split(",")], cpus, env)
             if "detectors" in parts:

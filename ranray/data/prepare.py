@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -370,9 +371,13 @@ def _stats_stream(tasks: list[dict], job: BlockJob, cfg: PrepareConfig, retries:
     ctx.enable_progress_bars = False  # prepare prints its own progress lines
     try:
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-        ds = ds.map_batches(BlockPreparer, fn_constructor_kwargs={"job": job, "log_dir": log_dir}, batch_size=1,
-                            batch_format="pyarrow", num_cpus=1, max_task_retries=retries,
-                            compute=ray.data.ActorPoolStrategy(size=num_workers(cfg, len(tasks))))
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for an actor's task retries: it still goes through the
+            # ray_remote_args Ray says it will remove in 2.64 (pinned at 2.60 in pyproject.toml).
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", category=DeprecationWarning)
+            ds = ds.map_batches(BlockPreparer, fn_constructor_kwargs={"job": job, "log_dir": log_dir},
+                                batch_size=1, batch_format="pyarrow", num_cpus=1, max_task_retries=retries,
+                                compute=ray.data.ActorPoolStrategy(size=num_workers(cfg, len(tasks))))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for stats in batch.column("stats").to_pylist():
                 yield json.loads(stats)
