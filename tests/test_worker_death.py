@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from cluster_utils import processes_titled
 from train_fixtures import learnable_dataset, tiny_config
 
 from ranray.config import flatten
@@ -28,8 +27,12 @@ from ranray.train.commits import committed
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_workers() -> set[int]:
-    return set(processes_titled("ray::RayTrainWorker"))
+def train_workers(gcs_address: str) -> set[int]:
+    """That Ray's live Ray Train workers, from its state API: never another Ray's on this machine."""
+    from ray.util.state import list_actors
+
+    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    return {a.pid for a in list_actors(address=gcs_address, filters=alive)}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -54,7 +57,8 @@ def test_worker_killed_by_sigsegv_ends_in_one_line_a_failed_run_and_a_good_check
     args = [sys.executable, "-m", "ranray.cli", "train", *(f"{k}={'null' if v is None else v}"
                                                             for k, v in flatten(cfg).items()
                                                             if not isinstance(v, (list, dict)))]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    gcs = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": gcs}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed: list[int] = []
     seen: set[int] = set()
@@ -64,7 +68,7 @@ def test_worker_killed_by_sigsegv_ends_in_one_line_a_failed_run_and_a_good_check
             wait_for(f"a committed checkpoint of start {generation}",
                      lambda: [c for c in committed(run_dir) if c["checkpoint_dir_name"].endswith(f"_g{generation:02d}")],
                      proc)
-            group = wait_for("the group's training workers", lambda: train_workers() - seen, proc)
+            group = wait_for("the group's training workers", lambda: train_workers(gcs) - seen, proc)
             seen |= group
             os.kill(min(group), signal.SIGSEGV)
             killed.append(min(group))
