@@ -18,9 +18,9 @@ points better on occluded faces with the gap above twice its std, and no worse o
 bar of issue 16). It is appended to bench/RESULTS.md, and the baseline's and the demo
 configuration's figures go to bench/occlusion_baseline.json for the demo summary.
 
-    /work/heavy .venv/bin/python bench/occlusion.py --quick          # minutes: 2 seeds, 2 variants
-    /work/heavy .venv/bin/python bench/occlusion.py                  # ~40 min on 2 quiet cores
-    /work/heavy .venv/bin/python bench/occlusion.py --variants whole_face,whole_face_4x,ran
+    .venv/bin/python bench/occlusion.py --quick          # minutes: 2 seeds, 2 variants
+    .venv/bin/python bench/occlusion.py                  # ~31 min on 2 quiet cores, nothing else running
+    .venv/bin/python bench/occlusion.py --variants ran_crop_0.75,ran_landmark   # ~6 min a variant
     .venv/bin/python bench/occlusion.py --full                       # a bigger machine: all variants
     .venv/bin/python bench/occlusion.py --data runs/my_prepared      # a prepared set with occlusion flags
 """
@@ -70,6 +70,7 @@ VARIANTS: dict[str, dict] = {
     "ran_sigmoid": {"overrides": ["loss.rb_space=sigmoid"]},
     "no_rb_loss": {"overrides": ["model.variant=no_rb_loss"]},
     "whole_face_4x": {"overrides": ["model.variant=whole_face"], "epochs_x": 4},
+    "ran_4x": {"overrides": [], "epochs_x": 4},  # does RAN catch up given the baseline's longer run?
     "no_relation": {"overrides": ["model.variant=no_relation"]},
     "ran_margin_0.02": {"overrides": ["loss.rb_margin=0.02"]},
     "ran_sigmoid_margin_0.3": {"overrides": ["loss.rb_space=sigmoid", "loss.rb_margin=0.3"]},
@@ -80,10 +81,13 @@ VARIANTS: dict[str, dict] = {
     "ran_no_erase": {"overrides": ["data.augment.erase_prob=0"]},
     "whole_face_no_erase": {"overrides": ["model.variant=whole_face", "data.augment.erase_prob=0"]},
 }
-REQUIRED = ("whole_face", "ran", "ran_sigmoid", "no_rb_loss")
+# The default size: the RB-loss question and the baseline at about RAN's compute, ~31 min on 2
+# quiet cores (whole face ~55 s a run, RAN ~115 s, the 4x baseline ~170 s); every other variant
+# adds ~6 min for 3 seeds (--variants NAME; the same --workdir keeps the runs already made).
+DEFAULT_VARIANTS = ("whole_face", "ran", "ran_sigmoid", "no_rb_loss", "whole_face_4x")
 SIZES: dict[str, Size] = {
     "quick": Size(train=240, val=48, test=160, epochs=1, seeds=2, variants=("whole_face", "ran")),
-    "default": Size(train=800, val=100, test=400, epochs=4, seeds=3, variants=REQUIRED),
+    "default": Size(train=800, val=100, test=400, epochs=4, seeds=3, variants=DEFAULT_VARIANTS),
     "full": Size(train=2400, val=300, test=600, epochs=4, seeds=3, variants=tuple(VARIANTS)),
 }
 
