@@ -77,6 +77,7 @@ VARIANTS: dict[str, dict] = {
     "ran_crop_0.75": {"overrides": ["model.crop_frac=0.75"]},
     "ran_landmark": {"overrides": ["model.region_mode=landmark", "model.num_regions=6"]},
     "ran_random": {"overrides": ["model.region_mode=random"]},
+    "ran_random_no_rb_loss": {"overrides": ["model.region_mode=random", "model.variant=no_rb_loss"]},
     "ran_k4": {"overrides": ["model.num_regions=4"]},
     "ran_no_erase": {"overrides": ["data.augment.erase_prob=0"]},
     "whole_face_no_erase": {"overrides": ["model.variant=whole_face", "data.augment.erase_prob=0"]},
