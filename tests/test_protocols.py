@@ -153,3 +153,17 @@ def test_variants_keep_or_drop_the_rb_loss(data_dir):
     assert build_ran(ModelConfig(backbone="iresnet_tiny", variant="no_rb_loss")).beta is not None
     with pytest.raises(ConfigError, match="'model.variant': unknown variant 'tiny'"):
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", variant="tiny"))
+
+
+def test_random_regions_with_the_rb_loss_are_warned_about_before_training(data_dir, caplog):
+    from ranray.train.launch import preflight
+
+    def warnings_for(*overrides: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ranray.train"):
+            preflight(tiny_config(data_dir, data_dir.parent / "runs", "warn", "model.region_mode=random", *overrides))
+        return [r.getMessage() for r in caplog.records if "region_mode random" in r.getMessage()]
+
+    (message,) = warnings_for()
+    assert "model.variant=no_rb_loss" in message and "docs/OCCLUSION.md" in message
+    assert warnings_for("model.variant=no_rb_loss") == []

@@ -17,7 +17,8 @@ Boxes are normalised (x0, y0, x1, y1) in [0, 1] of the image. Region modes live 
   K <= 9 takes the first K-1. Landmarks are (x, y) in the input image's pixels, pixel centres at
   integer coordinates (dlib's convention).
 - random: during training, per face and region, a square of side crop_frac * U(0.8, 1.2) at a
-  uniform position inside the image; in eval mode the fixed boxes, so K <= 6.
+  uniform position inside the image; in eval mode the fixed boxes, so K <= 6. With the RB loss it
+  trained to chance in the occlusion study (docs/OCCLUSION.md); training warns about it.
 
 Batch folding changes one thing against the reference code's loop over regions: in training mode
 the backbone's BatchNorm sees statistics over all B*K crops together instead of per region.

@@ -168,8 +168,13 @@ def _check_data(cfg: TrainConfig) -> dict[str, Any]:
 
 def _check_model(cfg: TrainConfig) -> None:
     from ranray.models import build_ran
+    from ranray.models.ran import VARIANTS
 
     build_ran(cfg.model)  # a ConfigError names the key; also loads model.init_backbone strictly
+    if cfg.model.region_mode == "random" and VARIANTS[cfg.model.variant].rb_loss:
+        log.warning("model.region_mode random with the RB loss trained to chance in the occlusion study (no random "
+                    "region covers the whole face, and the loss asks one to outweigh it); consider "
+                    "model.variant=no_rb_loss (docs/OCCLUSION.md)")
 
 
 # ---------------------------------------------------------------------------------------------
