@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -30,6 +33,11 @@ ROWS = {
                     ("fer0032222.png", "(0, 0, 48, 48)", MAJ_H, None)],  # None: the PNG is missing
 }
 
+TRUNCATED, NINE_VOTES = "fer0032223.png", "fer0032224.png"
+# reason, then what the detail names: the label.csv line (and the PNG when the PNG is at fault)
+DAMAGED = {TRUNCATED: ("corrupt_image", ["FER2013Test/label.csv line 4", f"FER2013Test/{TRUNCATED}: OSError"]),
+           NINE_VOTES: ("bad_row", ["FER2013Test/label.csv line 5: 11 fields, expected name, box and 10 votes"])}
+
 
 def write_folders(root: Path) -> Path:
     """The layout microsoft/FERPlus generate_training_data.py writes: <split folder>/<name>.png + label.csv."""
@@ -44,7 +52,19 @@ def write_folders(root: Path) -> Path:
         if folder == "FER2013Train":
             with (root / folder / "label.csv").open("a") as f:
                 f.write('fer0000006.png,"(0, 0, 48, 48)",1,x,0,0,0,0,0,0,0,0\n')  # a vote that is no number
+    _damage(root / "FER2013Test")
     return root
+
+
+def _damage(folder: Path) -> None:
+    """Line 4: a PNG cut short inside its pixel data; line 5: a row with 9 votes (its PNG is fine)."""
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48), dtype=np.uint8)  # noise: the PNG stays large
+    Image.fromarray(noise, "L").save(folder / TRUNCATED)
+    data = (folder / TRUNCATED).read_bytes()
+    (folder / TRUNCATED).write_bytes(data[: len(data) * 2 // 3])
+    Image.new("L", (48, 48), 128).save(folder / NINE_VOTES)
+    with (folder / "label.csv").open("a", newline="") as f:
+        csv.writer(f).writerows([[TRUNCATED, "(0, 0, 48, 48)", *MAJ_H], [NINE_VOTES, "(0, 0, 48, 48)", *MAJ_H[:9]]])
 
 
 def test_label_csv_folders_follow_the_authors_rules(tmp_path):
@@ -58,11 +78,13 @@ def test_label_csv_folders_follow_the_authors_rules(tmp_path):
     assert reasons == {"fer0000001.png": "label_no_consensus", "fer0000002.png": "label_unknown",
                        "fer0000003.png": "bad_box", "fer0000004.png": "bad_image_size",
                        "fer0000006.png": "bad_votes", "fer0028639.png": "label_no_consensus",
-                       "fer0032222.png": "image_missing"}
+                       "fer0032222.png": "image_missing", TRUNCATED: "corrupt_image", NINE_VOTES: "bad_row"}
     assert kept["fer0000005.png"].box == [2.0, 3.0, 46.0, 47.0]  # (x, y, w, h) -> x0, y0, x1, y1
     assert kept["fer0000005.png"].path.endswith("FER2013Train/fer0000005.png")
     bad_box = next(r for r in read.rows if r.key == "fer0000003.png")
     assert "label.csv line 4" in bad_box.detail and "(x, y, w, h)" in bad_box.detail
+    for row in (r for r in read.rows if r.key in DAMAGED):
+        assert all(part in row.detail for part in DAMAGED[row.key][1]), row.detail
     # Validation and test rows stay majority whatever the training mode.
     soft = {r.key: r for r in read_ferplus([str(tmp_path / "data")], "crossentropy").rows if not r.reason}
     assert "fer0000001.png" in soft and "fer0028639.png" not in soft
@@ -82,11 +104,19 @@ def test_prepare_from_label_csv_records_the_label_source(ray_session, tmp_path):
     prepare(cfg)
     manifest = read_manifest(tmp_path / "out")
     assert manifest["reader"]["label_source"] == "label.csv"
-    assert manifest["rows_in"] == sum(len(r) for r in ROWS.values()) + 1
+    assert manifest["reader"]["label_files"] == {
+        f"{folder}/label.csv": hashlib.sha256((data / folder / "label.csv").read_bytes()).hexdigest()
+        for folder in FOLDER_SPLITS}
+    assert manifest["rows_in"] == sum(len(r) for r in ROWS.values()) + 1 + len(DAMAGED)
     assert manifest["rows_in"] == manifest["rows_written"] + manifest["rows_rejected"]
     assert {s: manifest["splits"][s]["rows"] for s in ("train", "val", "test")} == {"train": 2, "val": 1, "test": 2}
     assert manifest["rejects_by_reason"] == {"label_no_consensus": 2, "label_unknown": 1, "bad_box": 1,
-                                             "bad_image_size": 1, "bad_votes": 1, "image_missing": 1}
+                                             "bad_image_size": 1, "bad_votes": 1, "image_missing": 1,
+                                             "corrupt_image": 1, "bad_row": 1}
+    rejects = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()}
+    for name, (reason, parts) in DAMAGED.items():
+        assert (rejects[name]["reason"], rejects[name]["split"]) == (reason, "test")
+        assert all(part in rejects[name]["detail"] for part in parts), rejects[name]["detail"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,3 +173,5 @@ def test_repeated_names_in_fer2013new_get_unique_keys(tmp_path):
     read = read_ferplus([str(tmp_path)])
     assert [r.key for r in read.rows] == ["fer0006953.png", "fer0006954.png", "fer0006953.png@4"]
     assert read.extra["label_source"] == "fer2013new.csv" and read.extra["repeated_names"] == 1
+    assert read.extra["label_files"] == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+                                         for name in ("fer2013.csv", "fer2013new.csv")}

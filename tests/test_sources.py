@@ -244,6 +244,33 @@ def test_imagefolder_splits_synonyms_and_unknown_class(tmp_path):
         read_imagefolder([str(tmp_path / "f")])
 
 
+
+def test_imagefolder_without_class_folders_says_what_it_expected_and_found(tmp_path):
+    for name in ("a.png", "b.png", "c.jpg"):
+        _png(tmp_path / "flat" / name)
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hollow" / "happy").mkdir(parents=True)
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    expected = r"expected DIR/<class>/<images> or DIR/\{train,val,test\}/<class>/<images>, class folders named .*happy"
+    for folder, found in (("flat", r"found 3 images directly in \S*flat and no class folders"),
+                          ("empty", r"\S*empty is empty"), ("split", r"\S*split/train is empty"),
+                          ("hollow", r"the class folders under \S*hollow hold no images \(\.jpg")):
+        with pytest.raises(SourceError, match=f"^imagefolder: {found}.*; {expected}"):
+            read_imagefolder([str(tmp_path / folder)])
+
+
+def test_prepare_cli_stops_on_a_flat_image_folder_in_one_line(tmp_path, capsys):
+    from ranray import cli
+
+    for i in range(3):
+        _png(tmp_path / "flat" / f"{i}.jpg")
+    assert cli.main(["prepare", "imagefolder", str(tmp_path / "flat"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("ranray prepare: imagefolder: found 3 images directly in ") and "class folders named" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat"]  # no output and no work folder left
+
 def test_identity_labels_are_per_split(tmp_path):
     for rel in ("train/bob/1.png", "train/bob/2.png", "train/amy/1.png", "val/zed/1.png"):
         _png(tmp_path / "ids" / rel)

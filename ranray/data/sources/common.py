@@ -10,6 +10,7 @@ a reject reason and ends up in rejects.parquet.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,22 @@ def walk_images(folder: Path, prefix: str = "") -> Iterator[str]:
             yield from walk_images(folder / name, f"{prefix}{name}/")
         elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
             yield prefix + name
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256 hex digest, streamed (a label csv can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def label_file_hashes(paths: list[str]) -> dict[str, str]:
+    """{path relative to the files' common folder: sha256}: the manifest then says which label files a
+    dataset was made from (FERPlus's label.csv and fer2013new.csv disagree on about 8% of rows)."""
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return {Path(os.path.relpath(os.path.abspath(p), base)).as_posix(): sha256_file(p) for p in paths}
 
 
 def one_hot(label: int, num_classes: int = len(CLASS_NAMES)) -> list[float]:

@@ -1,6 +1,7 @@
 """FERPlus: fer2013.csv (emotion, pixels, Usage) + fer2013new.csv (Usage, Image name, 10 vote columns),
 or the authors' FER2013Train/Valid/Test folders with label.csv (ranray.data.sources.ferplus_folders;
-the labels RAN's published results used). The manifest's reader.label_source says which.
+the labels RAN's published results used). The manifest's reader.label_source says which, and
+reader.label_files the sha256 of each file read.
 
 The two files are aligned row by row (row i of one describes row i of the other). Labels come from
 the 10 crowd votes with the label modes of the FERPlus authors (Barsoum et al. 2016, the
@@ -17,8 +18,8 @@ from typing import Callable
 
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_VOTES
-from ranray.data.sources.common import (IMAGE_PIXELS, SourceError, SourceRead, SourceRow, parse_csv_line,
-                                        read_header, require_dir, require_file)
+from ranray.data.sources.common import (IMAGE_PIXELS, SourceError, SourceRead, SourceRow, label_file_hashes,
+                                        parse_csv_line, read_header, require_dir, require_file)
 from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
 
 FER_COLUMNS = ("pixels", "Usage")
@@ -141,7 +142,8 @@ def plan_ferplus(inputs: list[str], label_mode: str = "majority") -> SourcePlan:
     return SourcePlan(groups=[group], parser=FerplusParser(str(fer_path), str(new_path), cols, label_mode, repeats),
                       class_names=list(CLASS_NAMES), rows=count_lines([group]),
                       extra={"files": [str(fer_path), str(new_path)], "label_source": "fer2013new.csv",
-                             "eval_label_mode": EVAL_MODE, "repeated_names": len(repeats)})
+                             "eval_label_mode": EVAL_MODE, "repeated_names": len(repeats),
+                             "label_files": label_file_hashes([str(fer_path), str(new_path)])})
 
 
 def repeated_names(new_path: Path, name_col: int) -> dict[str, int]:

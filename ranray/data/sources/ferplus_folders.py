@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_VOTES
-from ranray.data.sources.common import SourceError, SourceRow, parse_csv_line, require_dir
+from ranray.data.sources.common import SourceError, SourceRow, label_file_hashes, parse_csv_line, require_dir
 from ranray.data.sources.ferplus import EVAL_MODE, label_from_votes
 from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
 
@@ -47,9 +47,10 @@ def find_folders(inputs: list[str]) -> dict[str, Path] | None:
 def plan_folders(folders: dict[str, Path], label_mode: str) -> SourcePlan:
     groups = [LineGroup((str(folder / LABEL_FILE),)) for folder in folders.values()]
     parser = LabelCsvParser(tuple(folders), tuple(str(f) for f in folders.values()), label_mode)
+    files = [g.files[0] for g in groups]
     return SourcePlan(groups=groups, parser=parser, class_names=list(CLASS_NAMES), rows=count_lines(groups),
-                      extra={"files": [g.files[0] for g in groups], "label_source": LABEL_SOURCE,
-                             "eval_label_mode": EVAL_MODE})
+                      extra={"files": files, "label_source": LABEL_SOURCE, "eval_label_mode": EVAL_MODE,
+                             "label_files": label_file_hashes(files)})
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class LabelCsvParser:
             return _reject(row, "bad_votes", f"{where}: votes {fields[2:]}")
         if any(v < 0 for v in row.votes):
             return _reject(row, "bad_votes", f"{where}: negative votes {row.votes}")
-        problem = _image_problem(Path(row.path))
+        problem = _image_problem(Path(row.path), where)
         if problem:
             return _reject(row, *problem)
         x, y, w, h = (int(v) for v in box.groups())
@@ -85,17 +86,19 @@ class LabelCsvParser:
         return label_from_votes(row, self.label_mode, where)
 
 
-def _image_problem(path: Path) -> tuple[str, str] | None:
-    """(reason, detail) when the PNG is missing, unreadable or not 48x48; it is only opened, not decoded."""
+def _image_problem(path: Path, where: str) -> tuple[str, str] | None:
+    """(reason, detail) when the PNG is missing, corrupt or not 48x48. Decoded here, not only opened
+    (a 48x48 PNG takes microseconds), so that a truncated file's reject names its label.csv line."""
     try:
         with Image.open(path) as img:
-            size = img.size
+            if img.size != (IMAGE_SIDE, IMAGE_SIDE):
+                return "bad_image_size", (f"{where}: {path} is {img.size[0]}x{img.size[1]}, FER2013 faces are "
+                                          f"{IMAGE_SIDE}x{IMAGE_SIDE}")
+            img.load()
     except FileNotFoundError:
-        return "image_missing", f"{path} does not exist"
-    except (OSError, UnidentifiedImageError) as err:
-        return "image_unreadable", f"{path}: {err}"
-    if size != (IMAGE_SIDE, IMAGE_SIDE):
-        return "bad_image_size", f"{path} is {size[0]}x{size[1]}, FER2013 faces are {IMAGE_SIDE}x{IMAGE_SIDE}"
+        return "image_missing", f"{where}: {path} does not exist"
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        return "corrupt_image", f"{where}: {path}: {type(err).__name__}: {err}"
     return None
 
 
