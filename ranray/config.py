@@ -45,9 +45,14 @@ class RunConfig:
     # Engine hooks every worker builds: "module:factory" import paths, each factory called without
     # arguments (ranray.train.engine.Hook; the module must be importable on the workers).
     hooks: list[str] = field(default_factory=list)
-    # The training progress bar on rank 0 (ranray.train.progress): auto = when the driver's stdout is
-    # a terminal (plain log lines under `ray job submit` or a pipe)
-    progress: Literal["auto", "on", "off"] = "auto"
+    # Training progress on rank 0 (ranray.train.progress): auto = a bar when the driver's stdout is a
+    # terminal, else plain lines (`ray job submit`, a pipe, a file); bar, lines or off; on = bar.
+    # YAML reads a bare off / on as false / true: they mean the same.
+    progress: Literal["auto", "bar", "lines", "off", "on", False, True] = "auto"
+    progress_every_s: float = 30.0  # lines: at most one every this many seconds
+
+    def __post_init__(self) -> None:
+        _check(self.progress_every_s > 0, "run.progress_every_s", "must be > 0")
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Progress bars: the training bar (rank 0's Hook, drawn by the driver through Ray's log stream),
-the driver's terminal check, and offline evaluation's bar on a terminal (a real pty)."""
+"""Progress: the training bar (rank 0's Hook, drawn by the driver through Ray's log stream), the
+training's plain lines in a redirected log, the driver's terminal check, and offline evaluation's
+bar on a terminal (a real pty)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ import os
 import re
 import select
 import struct
+import subprocess
+import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
 from train_fixtures import learnable_dataset, tiny_config
 
+from ranray.config import ConfigError, TrainConfig, flatten, load_config
 from ranray.train.launch import run_training
 from ranray.train.progress import resolve_progress
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"progress: step (\d+) epoch (\d+\.\d\d)/1 loss (\S+) (\d+\.\d) faces/s ETA (\d+):(\d\d):(\d\d)$",
+                  re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +49,62 @@ def read_pty(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_auto_means_a_bar_only_when_the_drivers_stdout_is_a_terminal(tmp_path):
+def test_auto_means_a_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
     master, slave = os.openpty()
     with os.fdopen(slave, "w") as terminal, open(tmp_path / "log.txt", "w") as file:
-        assert resolve_progress("auto", terminal) == "on"
-        assert resolve_progress("auto", file) == "off"  # e.g. `ray job submit`, or `> train.log`
-        assert resolve_progress("on", file) == "on" and resolve_progress("off", terminal) == "off"
+        assert resolve_progress("auto", terminal) == "bar"
+        assert resolve_progress("auto", file) == "lines"  # e.g. `ray job submit`, or `> train.log`
+        assert resolve_progress("on", file) == "bar"  # the old name, in existing job files
+        assert resolve_progress("off", terminal) == "off" and resolve_progress("lines", terminal) == "lines"
+        assert resolve_progress(False, terminal) == "off" and resolve_progress(True, file) == "bar"  # YAML's off, on
     os.close(master)
     with pytest.raises(ValueError, match="run.progress"):
         resolve_progress("sometimes")
+    with pytest.raises(ConfigError, match="'run.progress_every_s' must be > 0"):
+        load_config(TrainConfig, None, ["run.progress_every_s=0"])
 
 
 def test_training_bar_shows_epoch_loss_throughput_and_eta_on_the_driver(ray_session, data_dir, tmp_path, capfd):
-    cfg = tiny_config(data_dir, tmp_path, "bar", "epochs=2", hooks=("ranray.train.progress:forced",))
+    # run.progress=off silences the built-in lines (which a line every step would show), not a bar
+    # that run.hooks asks for.
+    cfg = tiny_config(data_dir, tmp_path, "bar", "epochs=2", "run.progress=off", "run.progress_every_s=0.01",
+                      hooks=("ranray.train.progress:forced",))
     result = run_training(cfg)
     assert result.metrics["step"] == 12
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
+    assert "epoch 2 step 12: train_loss" in out  # rank 0's stdout did reach the driver
+    assert "progress: step" not in out + err
     # tqdm's last frame of each epoch's bar: description, 6/6 steps, elapsed<remaining, rate.
     # (tqdm_ray's driver side scales units: 6.00/6.00)
     finals = re.findall(r"epoch (\d)/2 loss (\d+\.\d+) (\d+) img/s: 100%\|[^|]*\| 6(?:\.00)?/6(?:\.00)? "
                         r"\[\d\d:\d\d<00:00, \d+\.\d+(?:step/s|s/step)\]", err)
     assert sorted(set(e for e, _, _ in finals)) == ["1", "2"], err[-3000:]
     assert all(float(loss) > 0 and int(rate) > 0 for _, loss, rate in finals)
+
+
+def test_training_output_to_a_file_shows_progress_lines(ray_session, data_dir, tmp_path):
+    """`ranray train > train.log`: no terminal, so plain lines (one per loss read here: every step)."""
+    cfg = tiny_config(data_dir, tmp_path, "lines", "epochs=1", "checkpoint.every_n_steps=0",
+                      "run.progress_every_s=0.01")
+    args = [f"{k}={'null' if v is None else v}" for k, v in flatten(cfg).items() if not isinstance(v, (list, dict))]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    started = time.perf_counter()
+    with open(tmp_path / "train.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "ranray.cli", "train", *args], stdout=log, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=REPO, timeout=300)
+    wall = time.perf_counter() - started
+    text = (tmp_path / "train.log").read_text()
+    assert done.returncode == 0, text[-2000:] + done.stderr[-3000:]
+    lines = [(int(s), float(ep), float(loss), float(rate), int(h) * 3600 + int(m) * 60 + int(sec))
+             for s, ep, loss, rate, h, m, sec in LINE.findall(text)]
+    steps = [line[0] for line in lines]
+    # Ray may cut the stream's tail when the driver exits, so not every step need be there.
+    assert len(lines) >= 4 and steps == sorted(set(steps)) and set(steps) <= set(range(1, 7)), text[-3000:]
+    for step, epochs, loss, rate, eta in lines:
+        assert epochs == round(step / 6, 2)  # 2 workers of batch 8 over 96 faces: 6 steps an epoch
+        assert 0 < loss < 10 and 2 * 8 / wall <= rate  # at least one step of both workers per line
+        assert eta <= (6 - step) * wall / step + 1  # the pace since the start, over the steps left
+    assert all(eta == 0 for step, *_, eta in lines if step == 6)
 
 
 def test_evaluation_bar_on_a_terminal_and_none_on_a_pipe(data_dir, tmp_path):

@@ -22,9 +22,10 @@ redone, never doubled. Every rank calls `ray.train.report` the same number of ti
 give every rank the same number of batches, and every decision to report depends only on the step
 and the epoch.
 
-Hooks (`Hook`): objects every worker calls at its start, after each step, after each committed
-checkpoint and at its exit; `run.hooks` names their factories by import path. Profilers, extra
-loggers and the tests' fault injection and step records live there, not in the loop.
+Hooks (`Hook`): objects every worker calls at its start, after each step, after each logged read
+of the loss, after each committed checkpoint and at its exit; `run.hooks` names their factories by
+import path. Progress, profilers, extra loggers and the tests' fault injection and step records
+live there, not in the loop.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class Hook:
 
     def on_step(self, e: Engine, batch: dict[str, Any]) -> None:
         """After optimizer step `e.state.step` (the loss is not read here: that would sync)."""
+
+    def on_log(self, e: Engine) -> None:
+        """After the loss was read and logged (every log_every_n_steps, and at an epoch's end):
+        `e.since_log` holds this rank's steps read since the last call."""
 
     def on_report(self, e: Engine) -> None:
         """After a checkpointed report at `e.state.step`, once Ray has registered it."""
@@ -409,12 +414,17 @@ def read_loss(e: Engine) -> None:
 
 
 def log_steps(e: Engine) -> None:
-    """Rank 0: the mean loss, LR and throughput since the last log, to MLflow without waiting."""
+    """Rank 0: the mean loss, LR and throughput since the last log, to MLflow without waiting; then
+    the hooks' on_log."""
     s = e.since_log
-    if e.is_chief and s.loss_steps:
+    if not s.loss_steps:
+        return
+    if e.is_chief:
         e.tracker.log_metrics({"train_loss": s.loss_sum / s.loss_steps, "lr": e.lr(),
                                "images_per_s": s.images * e.world_size / max(s.seconds, 1e-9)},
                               step=e.state.step, wait=False)
+    for hook in e.hooks:
+        hook.on_log(e)
     e.since_log = RankSums()
 
 
