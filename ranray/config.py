@@ -253,6 +253,10 @@ class PrepareConfig:
     # given mode: a landmark fit that fails its plausibility check is aligned from the box and
     # flagged (True), or rejected as "landmark_implausible" (False) for users who want only fitted faces.
     align_fallback: bool = True
+    # Where aligned faces sit in the 112x112 frame (ranray.data.align.TEMPLATES): insightface's
+    # face-recognition frame, or fer2013 (FER2013's own tighter crop, so 48-pixel crops are not shrunk
+    # into black borders). auto: fer2013 for the ferplus source, insightface for every other.
+    align_template: Literal["auto", "insightface", "fer2013"] = "auto"
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     affectnet_classes: Literal[7, 8] = 8  # AffectNet's published class sets: 8, or 7 without contempt
     num_workers: int = 0  # 0: one actor per CPU Ray has
@@ -270,6 +274,13 @@ class PrepareConfig:
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
         "batch_size": "prepare runs whole blocks per task (rows_per_shard)",
     }
+
+    @property
+    def template(self) -> str:
+        """align_template with auto resolved for the source."""
+        if self.align_template != "auto":
+            return self.align_template
+        return "fer2013" if self.source == "ferplus" else "insightface"
 
     def validate(self) -> None:
         _check(bool(self.out), "out", "is required")
@@ -406,7 +417,8 @@ def check_model(m: ModelConfig) -> None:
     _check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
     _check(not m.class_names or len(m.class_names) == m.num_classes, "model.class_names",
            f"has {len(m.class_names)} names for model.num_classes={m.num_classes}")
-    _check(m.input_size >= 1, "model.input_size", "must be >= 1")
+    _check(m.input_size >= 16 and m.input_size % 16 == 0, "model.input_size",
+           f"must be a multiple of 16 (the iResNet's four stride-2 stages), e.g. 64 or 112; got {m.input_size}")
 
 
 def _check_loop(cfg: TrainConfig | PretrainConfig) -> None:

@@ -43,6 +43,11 @@ def describe_training_data(data_dir: str | os.PathLike) -> dict[str, Any]:
         "inputs": inputs,
         "rows": {split: info.get("rows", 0) for split, info in (manifest.get("splits") or {}).items()},
         "class_names": manifest.get("class_names", []),
+        "label_mode": manifest.get("label_mode", ""),
+        "label_files": (manifest.get("reader") or {}).get("label_files", {}),  # sha256 per label file
+        "detector": manifest.get("detector", ""),
+        # Datasets prepared before the template became a choice were aligned to insightface's.
+        "align_template": manifest.get("align_template", "insightface"),
         "prepared": manifest.get("created", ""),
         "code_version": manifest.get("code_version", ""),
     }

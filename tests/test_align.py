@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ranray.data.align import (TEMPLATE_112, AlignOptions, FaceAligner, five_points, similarity, transform,
-                               warp)
+from ranray.data.align import (TEMPLATE_112, TEMPLATES, AlignOptions, FaceAligner, five_points, similarity,
+                               transform, warp)
 from ranray.data.sources import RowReject
 from ranray.data.synth import Sample, SynthOptions, draw, sample_spec
 
@@ -55,6 +55,18 @@ def test_astronaut_eyes_land_on_the_template(hog, astronaut):
     eye_error = np.linalg.norm(pts[:2] - TEMPLATE_112[:2], axis=1)
     assert eye_error.max() < 5.0, eye_error  # a smiling face: the 5-point fit trades eyes for mouth
     assert np.linalg.norm(pts - TEMPLATE_112, axis=1).max() < 8.0
+
+
+def test_the_fer2013_template_frames_the_face_tighter(astronaut):
+    """The same face, aligned to each template: the points land on the chosen one, and the tighter
+    FER2013 frame shows it larger (eyes further apart) with less of the frame outside the photo."""
+    faces = {t: FaceAligner(AlignOptions(detector="hog", template=t)).align(astronaut) for t in TEMPLATES}
+    for t, face in faces.items():
+        assert np.linalg.norm(five_points(face.landmarks) - TEMPLATES[t], axis=1).max() < 8.0, t
+    iod = {t: np.linalg.norm(np.subtract(*five_points(f.landmarks)[:2])) for t, f in faces.items()}
+    assert iod["fer2013"] / iod["insightface"] == pytest.approx(41.51 / 35.24, rel=0.03)
+    with pytest.raises(ValueError, match="unknown alignment template 'arcface'.*insightface, fer2013"):
+        FaceAligner(AlignOptions(template="arcface"))
 
 
 def test_cnn_detector_agrees_with_hog(hog, astronaut):

@@ -109,6 +109,22 @@ def test_backbone_rejects_wrong_input_size():
         m(torch.randn(2, 3, 96, 96))
 
 
+@pytest.mark.parametrize("size, grid", [(48, 3), (64, 4), (112, 7)])
+def test_input_size_sets_the_last_map_and_the_fc_layer(size, grid):
+    m = create_model("iresnet_small", input_size=size).eval()
+    assert m.fc.in_features == 256 * grid * grid
+    x = torch.randn(2, 3, size, size)
+    assert m.forward_features(x).shape == (2, 256, grid, grid)
+    assert m(x).shape == (2, 256)
+    with pytest.raises(ValueError, match=rf"\(B, 3, {size}, {size}\)"):
+        m(torch.randn(2, 3, size + 16, size + 16))
+
+
+def test_input_size_must_be_a_multiple_of_the_stride():
+    with pytest.raises(ValueError, match="multiple of 16.*got 50"):
+        create_model("iresnet_tiny", input_size=50)
+
+
 def _trained_tiny(seed: int) -> IResNet:
     torch.manual_seed(seed)
     m = create_model("iresnet_tiny")

@@ -169,6 +169,19 @@ def test_larger_images_are_resampled_to_the_input_size():
     torch.testing.assert_close(crops[0, 0, 0, 10], (j + 0.5) * 2 - 0.5, rtol=0, atol=1e-3)
 
 
+def test_a_smaller_input_size_resamples_every_region_and_sizes_the_backbone():
+    """112-pixel aligned faces in, every region (the whole face too) at 48 pixels through a backbone
+    built for 48: the cheap setting for 48-pixel FER2013 faces."""
+    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", input_size=48, num_regions=6))
+    images = ramp_images(2, 112)
+    crops = net.regions(images)
+    assert crops.shape == (2, 6, 3, 48, 48) and net.backbone.input_size == 48
+    j = torch.arange(48, dtype=torch.float32)
+    torch.testing.assert_close(crops[0, 0, 0, 10], (j + 0.5) * 112 / 48 - 0.5, rtol=0, atol=1e-3)
+    out = net(images)
+    assert out.logits.shape == (2, 8) and out.mu.shape == (2, 6)
+
+
 def test_landmark_regions_centre_on_landmark_groups_and_stay_inside():
     net = tiny_ran(num_regions=5, region_mode="landmark", crop_frac=0.6)
     lm = torch.full((2, 68, 2), 56.0)
@@ -255,6 +268,8 @@ def test_bad_configs_get_clear_errors():
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_mode="landmark", num_regions=1))
     with pytest.raises(ConfigError, match=r"'model.crop_frac' must be in \(0, 1\]"):
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", crop_frac=1.5))
+    with pytest.raises(ConfigError, match=r"'model.input_size' must be a multiple of 16.*got 50"):
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", input_size=50))
     with pytest.raises(ConfigError, match=r"'model.backbone': unknown model 'resnet50'.*iresnet50"):
         RegionAttentionNetwork(ModelConfig(backbone="resnet50"))
 

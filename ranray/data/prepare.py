@@ -251,7 +251,7 @@ def _job(cfg: PrepareConfig, plan: SourcePlan, work: OutputLocation) -> BlockJob
 
 
 def align_options(cfg: PrepareConfig) -> AlignOptions:
-    return AlignOptions(detector=cfg.detector, fallback=cfg.align_fallback)
+    return AlignOptions(detector=cfg.detector, template=cfg.template, fallback=cfg.align_fallback)
 
 
 def _fingerprint(cfg: PrepareConfig, plan: SourcePlan, blocks: list[dict]) -> str:
@@ -524,6 +524,7 @@ def build_manifest(cfg: PrepareConfig, plan: SourcePlan, totals: dict, seconds: 
         "subset_lists": subsets,
         "face_size": FACE_SIZE,
         "detector": cfg.detector,
+        "align_template": cfg.template,  # where the faces sit in the frame: predict must align photos alike
         "reader": plan.extra,
         "align_fallback_examples": totals["fallbacks"],
         "seconds": round(seconds, 2),

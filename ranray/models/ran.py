@@ -186,9 +186,9 @@ def check_regions(cfg: ModelConfig) -> None:
     check_model(cfg)
 
 
-def _backbone(name: str) -> nn.Module:
+def _backbone(name: str, input_size: int) -> nn.Module:
     try:
-        return create_model(name)
+        return create_model(name, input_size=input_size)
     except ValueError as exc:
         raise ConfigError(f"config key 'model.backbone': {exc}") from exc
 
@@ -198,7 +198,7 @@ class RegionAttentionNetwork(nn.Module):
         super().__init__()
         check_regions(cfg)
         self.cfg = cfg
-        self.backbone = backbone if backbone is not None else _backbone(cfg.backbone)
+        self.backbone = backbone if backbone is not None else _backbone(cfg.backbone, cfg.input_size)
         d = getattr(self.backbone, "embedding_size", None)
         if not isinstance(d, int):
             raise ValueError(f"backbone {type(self.backbone).__name__} has no integer .embedding_size")

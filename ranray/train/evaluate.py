@@ -350,8 +350,9 @@ def predict(checkpoint: str | Path | TrainedModel, images: Sequence[str | Path],
 
     trained = (checkpoint if isinstance(checkpoint, TrainedModel)
                else load_trained_model(checkpoint, tracking_uri=tracking_uri))
-    # Boxes come from detect_faces; the aligner fits landmarks inside each ("given" mode).
-    aligner = FaceAligner(AlignOptions(detector="given"))
+    # Boxes come from detect_faces; the aligner fits landmarks inside each ("given" mode), and puts the
+    # face where the model's training faces sat (their data card's template).
+    aligner = FaceAligner(AlignOptions(detector="given", template=trained.data.get("align_template", "insightface")))
     results = []
     for image_path in images:
         try:
