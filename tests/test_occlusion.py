@@ -1,16 +1,23 @@
-"""Attention vs occlusion (ranray.train.occlusion): covering a region lowers its self-attention weight.
+"""Attention vs occlusion (ranray.train.occlusion): covering a region lowers its self-attention weight;
+each region's share of the decision per subset; and the occlusion study (bench/occlusion.py) end to end.
 
 Two models: a hand-built RAN whose mu is known (a backbone that reports each crop's contrast, an
 alpha head that turns contrast into weight: a covered, flat region must lose its weight, the others
 keep theirs), and a tiny RAN really trained on the learnable fixture set (the class is a coloured
 patch inside the centre-bottom region: the model must weigh that region most, and covering it must
 lower its weight and cost the accuracy, covering a top region much less).
+
+The study runs on the same fixture set (prepared shards with occlusion / pose30 / pose45 flags, as
+the real FERPlus prepared with RAN's lists), as a smoke run: 1 seed, whole_face and ran, 2 steps.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +26,18 @@ from PIL import Image
 from torch import nn
 from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
 
-from ranray.config import ModelConfig
+from ranray.config import ModelConfig, save_config
 from ranray.data.loader import build_loader
+from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45
 from ranray.models.ran import RegionAttentionNetwork
 from ranray.tracking import list_artifacts
-from ranray.train.occlusion import cover_box, measure_attention_shift, measure_trained, report_trained
+from ranray.train.evaluate import SUBSET_MASK
+from ranray.train.metrics import mean_class_accuracy, per_class_from_confusion
+from ranray.train.occlusion import (SHARE_SUBSETS, cover_box, measure_attention_shift, measure_region_shares,
+                                    measure_trained, report_trained)
+from ranray.train.plots import region_shares
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "occlusion.py"
 
 
 class ContrastBackbone(nn.Module):
@@ -115,3 +129,131 @@ def test_trained_ran_attends_to_the_class_region_and_loses_it_covered(ray_sessio
     with Image.open(files["png"]) as img:  # 4 clean faces x (clean + 3 covered regions)
         assert img.size == (int(1.9 * 4 * 100), int(2.0 * 4 * 100))
         assert np.asarray(img.convert("L")).std() > 10  # faces drawn, not a blank canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# Each region's share of the decision, per subset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_region_shares_per_subset_match_the_faces_of_each_subset(data_dir):
+    net = contrast_ran(num_regions=4)
+    loader = build_loader(data_dir, "test", batch_size=8, backend="torch", num_threads=0)
+    shares = measure_region_shares(net, loader, use_landmarks=False, region_names=["a", "b", "c", "d"])
+    # The fixture's flags cycle with the row number (shard_fixtures._row_flags): of 32 test rows,
+    # every 4th occluded, every 3rd turned > 30, every 6th > 45, 16 with no flag.
+    assert shares.faces == {"all": 32, "clean": 16, "occlusion": 8, "pose30": 11, "pose45": 6}
+    means = shares.means()
+    assert list(means) == list(SHARE_SUBSETS)
+    # The same figures straight from the model's mu and nu, face by face.
+    batches = list(loader)
+    with torch.no_grad():
+        outs = [net(b["images"].float()) for b in batches]
+    per_face = region_shares(np.concatenate([o.mu.double().numpy() for o in outs]),
+                             np.concatenate([o.nu.double().numpy() for o in outs]))
+    flags = np.concatenate([b["flags"].numpy() for b in batches])
+    wanted = {"all": flags >= 0, "clean": (flags & SUBSET_MASK) == 0, "occlusion": (flags & FLAG_OCCLUSION) != 0,
+              "pose30": (flags & FLAG_POSE30) != 0, "pose45": (flags & FLAG_POSE45) != 0}
+    for subset, rows in wanted.items():
+        np.testing.assert_allclose(list(means[subset].values()), per_face[rows].mean(0), atol=1e-9)
+        assert sum(means[subset].values()) == pytest.approx(1.0, abs=1e-9), subset
+    name, top = shares.largest()
+    assert top == max(means["all"].values()) and means["all"][name] == top
+    headers, rows = shares.table()
+    assert headers[0] == "region" and [r[0] for r in rows] == ["a", "b", "c", "d"] and len(rows[0]) == 6
+
+
+def test_mean_class_accuracy_weighs_classes_equally_and_leaves_out_absent_ones():
+    # recalls 1.0 (2 of 2) and 0.25 (1 of 4); the third class has no face: (1.0 + 0.25) / 2, not 3 of 6
+    cm = np.array([[2, 0, 0], [3, 1, 0], [0, 0, 0]])
+    assert mean_class_accuracy(cm) == pytest.approx(0.625)
+    assert math.isnan(mean_class_accuracy(np.zeros((3, 3), dtype=np.int64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/occlusion.py
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("bench_occlusion", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is executed
+    path = list(sys.path)
+    spec.loader.exec_module(module)
+    sys.path[:] = path  # it puts bench/ first (for _results): its train.py, model.py must not shadow anything
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_study_epochs_per_variant_and_refused_overrides(study):
+    def epochs(*argv):
+        args = study.parse_args(list(argv))
+        return study.build_study(args, study.resolve_size(args)).epochs
+
+    # Equal epochs, the 4x baseline, and the whole face at a given (equal-time) number of epochs.
+    assert epochs("--variants", "ran,whole_face_4x", "--variant-epochs", "whole_face_eqtime=7") == {
+        "whole_face": 4, "ran": 4, "whole_face_4x": 16, "whole_face_eqtime": 7}
+    assert epochs("--epochs", "2", "--variant-epochs", "ran=3,no_relation=5", "--variants", "ran") == {
+        "whole_face": 2, "ran": 3, "no_relation": 5}
+    with pytest.raises(SystemExit, match="whole_face_eqtime needs its epochs"):
+        epochs("--variants", "whole_face_eqtime")
+    with pytest.raises(SystemExit, match="sets epochs itself; use --epochs"):
+        epochs("epochs=3")
+    with pytest.raises(SystemExit, match="not NAME=N"):
+        epochs("--variant-epochs", "whole_face_eqtime=0")
+    # A row written before rows carried their identity still belongs to the default study.
+    args = study.parse_args([])
+    default = study.build_study(args, study.resolve_size(args))
+    legacy = {"variant": "whole_face_4x", "seed": 1, "epochs": 4, "train": 800, "clean": 0.9}
+    assert study.upgrade_legacy(legacy) | {"clean": 0.9} == study.upgrade_legacy(legacy)
+    assert all(study.upgrade_legacy(legacy)[k] == v for k, v in default.identity("whole_face_4x", 1).items())
+
+
+def run_study(study, tmp_path, data_dir, *extra):
+    return study.main(["--data", str(data_dir), "--job", str(tmp_path / "job.yaml"), "--variants", "whole_face,ran",
+                       "--seeds", "1", "--workdir", str(tmp_path / "study"), "--attention-faces", "8",
+                       "--no-results", "protocol=ran", "max_steps=2", *extra])
+
+
+def test_study_on_a_prepared_set_with_subset_flags(ray_session, study, data_dir, tmp_path, capsys):
+    save_config(tiny_config(data_dir, tmp_path / "unused", "job", "checkpoint.every_n_steps=0"), tmp_path / "job.yaml")
+    assert run_study(study, tmp_path, data_dir) == 0
+    log = tmp_path / "study" / "runs.jsonl"
+    rows = {r["variant"]: r for r in map(json.loads, log.read_text().splitlines())}
+    assert sorted(rows) == ["ran", "whole_face"]
+    for variant, r in rows.items():
+        assert r["seed"] == 0 and r["epochs"] == 2 and r["protocol"] == "ran" and r["steps"] == 2, r
+        assert r["data"] == str(data_dir.resolve()) and r["overrides"] == ["protocol=ran", "max_steps=2"]
+        for key in ("all", "mean_class", "clean", "occluded", "pose30", "pose45"):
+            assert 0.0 <= r[key] <= 1.0, (variant, key, r[key])
+        # max_steps=2 stops inside the first epoch (train + val: 128 faces, 8 steps of 2 x 8): none completed
+        assert r["train_s"] > 0 and r["faces_per_s"] > 0 and r["load"] >= 0 and r["epochs_trained"] == 0
+        # mean class: the mean of the per-class recalls of the evaluation's confusion matrix
+        saved = json.loads((Path(r["run_dir"]) / "eval_test" / "eval_test.json").read_text())
+        assert r["mean_class"] == pytest.approx(np.nanmean(per_class_from_confusion(np.array(saved["confusion"]))))
+        assert r["all"] == saved["metrics"]["test_accuracy"]
+    assert "region_shares" not in rows["whole_face"]  # one region: nothing to share
+    ran = rows["ran"]
+    assert ran["region_faces"] == {"all": 32, "clean": 16, "occlusion": 8, "pose30": 11, "pose45": 6}
+    assert set(ran["region_shares"]) == set(SHARE_SUBSETS)
+    for subset, shares in ran["region_shares"].items():
+        assert list(shares) == ["whole face", "top-left", "top-right"], subset
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5), subset
+        assert all(0.0 < x < 1.0 for x in shares.values())
+    assert ran["largest_share"] == max(ran["region_shares"]["all"].values())
+    assert ran["region_shares"]["all"][ran["largest_region"]] == ran["largest_share"]
+    assert math.isfinite(ran["mu_own"]) and 0.0 <= ran["mu_own_fell"] <= 1.0
+    assert "| region | all (32 faces) | clean (16 faces) | occlusion (8 faces)" in capsys.readouterr().out
+
+    # Resumed: the runs in the log are not trained again; the table is theirs.
+    assert run_study(study, tmp_path, data_dir) == 0
+    assert len(log.read_text().splitlines()) == 2
+    table = capsys.readouterr().out
+    assert "| variant | seeds | epochs | test % | mean class % | occlusion % | pose>30 % | pose>45 %" in table
+    assert "| whole_face | 1 | 2 |" in table and "| ran | 1 | 2 |" in table
+    assert "(source fixture; rows train 96, val 32, test 32)" in table and "protocol ran: the last epoch" in table
+    # --table-only matches the command line: another protocol's table has no runs yet.
+    assert run_study(study, tmp_path, data_dir, "--table-only", "protocol=clean") == 0
+    assert "| ran |" not in capsys.readouterr().out

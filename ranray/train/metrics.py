@@ -64,6 +64,13 @@ def per_class_from_confusion(cm: np.ndarray) -> np.ndarray:
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
 
 
+def mean_class_accuracy(cm: np.ndarray) -> float:
+    """Mean of the per-class recalls over the classes with rows (FERPlus is unbalanced: contempt and
+    disgust hold a few percent of the faces, so overall accuracy hides them); NaN with no rows."""
+    recalls = per_class_from_confusion(cm)
+    return float(np.nanmean(recalls)) if not np.isnan(recalls).all() else math.nan
+
+
 def subset_accuracy(preds: ArrayLike, labels: ArrayLike, flags: ArrayLike, flag_bit: int) -> float:
     """Accuracy on the rows whose `flags` have `flag_bit` set; NaN when there are none."""
     p, y, keep = _labelled(preds, labels)
@@ -88,6 +95,7 @@ class EvalAccumulator:
 
     Every rank must call `compute()` (it is a collective, unless reduce=False). Metric names, with `prefix="val"`:
         val_accuracy, val_loss (if losses were given), val_samples,
+        val_mean_class_accuracy (the mean of the per-class recalls, classes with rows),
         val_acc_<class> for each class with rows, val_acc_<subset> for each flag that occurs.
     """
 
@@ -134,6 +142,8 @@ class EvalAccumulator:
                    f"{pre}_samples": float(total)}
         if loss_rows:
             metrics[f"{pre}_loss"] = loss_sum / loss_rows
+        if total:
+            metrics[f"{pre}_mean_class_accuracy"] = mean_class_accuracy(cm)
         for name, acc in zip(self.class_names, per_class_from_confusion(cm)):
             if not math.isnan(acc):
                 metrics[f"{pre}_acc_{name}"] = float(acc)

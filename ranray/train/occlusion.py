@@ -7,6 +7,13 @@
         whether the prediction is still right. If region attention works, covering a region lowers
         its own weight, and more than it lowers the others'.
     measure_trained(weights, data_dir, split) -> AttentionShift     the same for a trained model file
+    measure_region_shares(net, loader, use_landmarks) -> RegionShares
+        each region's mean share of the decision (mu * nu normalised over the K regions, the
+        pooling weights: ranray.train.plots.region_shares) over all faces, clean faces (no subset
+        flag) and each flagged subset (occlusion, pose30, pose45) of a split; on real faces this
+        shows whether attention moves away from a covered or turned part, or has collapsed onto
+        one region whatever the face
+    shares_trained(weights, data_dir, split) -> RegionShares       the same for a trained model file
     plot_attention_shift(net, images, labels, landmarks, path) -> png
         per face one row: the clean face, then the face with each region covered, every box
         labelled with its mu (the covered box drawn dashed)
@@ -26,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ranray.data.schema import SUBSET_FLAGS
 from ranray.models.ran import RegionAttentionNetwork
-from ranray.train.evaluate import SUBSET_MASK
+from ranray.train.evaluate import SUBSET_MASK, TrainedModel
 
 FILL = 0.0  # normalised pixels: the dataset's mean grey, a card with no texture
 
@@ -131,16 +139,95 @@ def measure_attention_shift(net: RegionAttentionNetwork, loader: Any, use_landma
     return shift
 
 
-def measure_trained(weights: str | Path, data_dir: str | Path, split: str = "test",
-                    max_faces: int | None = None, batch_size: int = 64) -> AttentionShift:
-    """measure_attention_shift for a trained model file on a prepared split (torch loader, fp32)."""
+def _trained_on_split(weights: str | Path, data_dir: str | Path, split: str,
+                      batch_size: int) -> tuple[TrainedModel, Any, list[str]]:
+    """A trained model file, a torch loader (fp32, in this process) over the split, the region names."""
     from ranray.data.loader import build_loader
     from ranray.train.evaluate import load_trained_model, region_names
 
     trained = load_trained_model(weights)
     loader = build_loader(data_dir, split, batch_size=batch_size, training=False, backend="torch", num_threads=0)
-    names = region_names(trained.cfg.model.region_mode, trained.net.num_regions)
+    return trained, loader, region_names(trained.cfg.model.region_mode, trained.net.num_regions)
+
+
+def measure_trained(weights: str | Path, data_dir: str | Path, split: str = "test",
+                    max_faces: int | None = None, batch_size: int = 64) -> AttentionShift:
+    """measure_attention_shift for a trained model file on a prepared split (torch loader, fp32)."""
+    trained, loader, names = _trained_on_split(weights, data_dir, split, batch_size)
     return measure_attention_shift(trained.net, loader, trained.uses_landmarks, names, max_faces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each region's share of the decision, per subset of faces
+# ---------------------------------------------------------------------------------------------
+
+SHARE_SUBSETS = ("all", "clean", *SUBSET_FLAGS)  # clean: no subset flag (ranray.train.evaluate)
+
+
+def subset_masks(flags: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Subset name -> which rows of a batch belong to it (a face may be in several: pose45 in pose30)."""
+    masks = {"all": torch.ones_like(flags, dtype=torch.bool), "clean": (flags & SUBSET_MASK) == 0}
+    return masks | {name: (flags & bit) != 0 for name, bit in SUBSET_FLAGS.items()}
+
+
+@dataclass
+class RegionShares:
+    """Sums over faces of each region's share of the decision, per subset; means() divides."""
+
+    region_names: list[str]
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # subset -> (K,)
+    faces: dict[str, int] = field(default_factory=dict)
+
+    def add(self, shares: np.ndarray, masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            keep = mask.cpu().numpy()
+            self.sums[name] = self.sums.get(name, 0.0) + shares[keep].sum(0)
+            self.faces[name] = self.faces.get(name, 0) + int(keep.sum())
+
+    def means(self) -> dict[str, dict[str, float]]:
+        """Subset -> region name -> mean share; only subsets with faces (each sums to 1)."""
+        return {s: dict(zip(self.region_names, (self.sums[s] / self.faces[s]).tolist()))
+                for s in SHARE_SUBSETS if self.faces.get(s)}
+
+    def largest(self, subset: str = "all") -> tuple[str, float]:
+        """The region with the largest mean share and that share: near 1 is a collapse onto it."""
+        shares = self.means()[subset]
+        name = max(shares, key=shares.get)
+        return name, shares[name]
+
+    def table(self) -> tuple[list[str], list[list[object]]]:
+        means = self.means()
+        headers = ["region", *(f"{s} ({self.faces[s]} faces)" for s in means)]
+        rows = [[name, *(f"{means[s][name]:.3f}" for s in means)] for name in self.region_names]
+        return headers, rows
+
+
+@torch.no_grad()
+def measure_region_shares(net: RegionAttentionNetwork, loader: Any, use_landmarks: bool,
+                          region_names: list[str] | None = None) -> RegionShares:
+    """Every face of the loader once: its regions' shares, summed into every subset it belongs to."""
+    from ranray.train.plots import region_shares  # matplotlib: only where shares are measured
+
+    was_training = net.training
+    net.eval()
+    totals = RegionShares(region_names or [f"region {k}" for k in range(net.num_regions)])
+    loader.set_epoch(0)
+    for batch in loader:
+        out = net(batch["images"].float(), batch["landmarks"] if use_landmarks else None)
+        # float64: the means over thousands of faces must still sum to 1
+        shares = region_shares(out.mu.double().cpu().numpy(), out.nu.double().cpu().numpy())
+        totals.add(shares, subset_masks(batch["flags"]))
+    net.train(was_training)
+    if not totals.faces.get("all"):
+        raise ValueError("the split has no faces to measure")
+    return totals
+
+
+def shares_trained(weights: str | Path, data_dir: str | Path, split: str = "test",
+                   batch_size: int = 64) -> RegionShares:
+    """measure_region_shares for a trained model file on a prepared split (torch loader, fp32)."""
+    trained, loader, names = _trained_on_split(weights, data_dir, split, batch_size)
+    return measure_region_shares(trained.net, loader, trained.uses_landmarks, names)
 
 
 @torch.no_grad()
