@@ -18,6 +18,7 @@ from ranray.data.sources import SourceError, mark_subsets
 from ranray.data.sources.ferplus import read_ferplus
 from ranray.data.sources.ferplus_folders import FOLDER_SPLITS
 from ranray.data.sources.subsets import canonical, load_list
+from ranray.model_card import describe_training_data
 
 # name, box, votes (neutral happiness surprise sadness anger disgust fear contempt unknown NF), PNG size
 MAJ_H = [0, 8, 0, 0, 0, 0, 0, 0, 2, 0]  # happiness
@@ -104,6 +105,8 @@ def test_prepare_from_label_csv_records_the_label_source(ray_session, tmp_path):
     prepare(cfg)
     manifest = read_manifest(tmp_path / "out")
     assert manifest["reader"]["label_source"] == "label.csv"
+    assert manifest["align_template"] == "fer2013"  # auto, for the ferplus source
+    assert describe_training_data(tmp_path / "out")["align_template"] == "fer2013"
     assert manifest["reader"]["label_files"] == {
         f"{folder}/label.csv": hashlib.sha256((data / folder / "label.csv").read_bytes()).hexdigest()
         for folder in FOLDER_SPLITS}
