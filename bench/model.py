@@ -1,9 +1,12 @@
 """RAN forward+backward throughput: all K regions folded into one backbone call vs a Python loop
-over the regions (how the reference RAN code runs), per backbone, precision and memory format.
+over the regions (how the reference RAN code runs), and the whole-face network on the same backbone,
+per backbone, input size, precision and memory format.
 
     python bench/model.py                      # CPU: iresnet50 + iresnet_tiny, fp32 + bf16, NCHW + NHWC
     python bench/model.py --gpu                # the same on CUDA, plus fp16
     python bench/model.py --backbones iresnet18 --precisions bf16 --formats contiguous --min-time 20
+    python bench/model.py --backbones iresnet_tiny,iresnet_small --input-sizes 48,64,112 --precisions bf16 \
+        --formats contiguous --batch 32          # jobs/ferplus_cpu.yaml's choice (docs/REAL_FACES.md)
 
 Folded and looped steps alternate on the same model, so background load hits both alike. Each
 cell runs in a child process: a kernel that crashes on this CPU (oneDNN's AVX-512 NHWC backward
@@ -56,38 +59,45 @@ def step(net, forward, images, labels, precision: str, device: torch.device) -> 
     net.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits, mu = forward(net, images)
-    loss = F.cross_entropy(logits, labels) + region_biased_loss(mu, 0.1)
+    rb = region_biased_loss(mu, 0.1) if mu.shape[1] > 1 else 0.0  # the whole-face network has no RB loss
+    loss = F.cross_entropy(logits, labels) + rb
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
-def measure(backbone: str, precision: str, fmt: str, args, device: torch.device) -> tuple[float, float, int]:
+def measure(backbone: str, precision: str, fmt: str, size: int, args,
+            device: torch.device) -> tuple[float, float, float, int]:
+    """Faces/s of RAN folded, RAN looped over regions, and the whole-face network (same backbone)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-    net = RegionAttentionNetwork(ModelConfig(backbone=backbone, num_regions=args.regions)).to(device).train()
-    net = net.to(memory_format=memory_format)
+
+    def build(variant: str) -> RegionAttentionNetwork:
+        cfg = ModelConfig(backbone=backbone, num_regions=args.regions, input_size=size, variant=variant)
+        return RegionAttentionNetwork(cfg).to(device).train().to(memory_format=memory_format)
+
+    ran, whole = build("ran"), build("whole_face")
     images = torch.randn(args.batch, 3, 112, 112, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 8, (args.batch,), device=device)
-    modes = {"folded": folded_forward, "loop": loop_forward}
+    modes = {"folded": (ran, folded_forward), "loop": (ran, loop_forward), "whole": (whole, folded_forward)}
     for _ in range(args.warmup):
-        for fwd in modes.values():
+        for net, fwd in modes.values():
             step(net, fwd, images, labels, precision, device)
     spent = {name: 0.0 for name in modes}
     rounds = 0
     start = time.perf_counter()
     while rounds < args.min_steps or (time.perf_counter() - start < args.min_time and rounds < args.max_steps):
-        for name, fwd in modes.items():
+        for name, (net, fwd) in modes.items():
             spent[name] += step(net, fwd, images, labels, precision, device)
         rounds += 1
     faces = args.batch * rounds
-    return faces / spent["folded"], faces / spent["loop"], rounds
+    return faces / spent["folded"], faces / spent["loop"], faces / spent["whole"], rounds
 
 
-def run_cell(backbone: str, precision: str, fmt: str, argv: list[str]) -> dict:
+def run_cell(backbone: str, precision: str, fmt: str, size: int, argv: list[str]) -> dict:
     """One cell in a child process: its figures, or how it died."""
-    done = subprocess.run([sys.executable, __file__, *argv, "--cell", f"{backbone},{precision},{fmt}"],
+    done = subprocess.run([sys.executable, __file__, *argv, "--cell", f"{backbone},{precision},{fmt},{size}"],
                           capture_output=True, text=True)
     if done.returncode == 0:
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep timing rounds until this many seconds; default 8 on CPU, 3 on GPU")
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--formats", default="contiguous,channels_last", help="memory formats to compare")
+    p.add_argument("--input-sizes", default="112", help="model.input_size values (every region at this side)")
     p.add_argument("--cell", default="", help=argparse.SUPPRESS)  # backbone,precision,format: one child's cell
     args = p.parse_args(argv)
 
@@ -128,28 +139,31 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
 
     if args.cell:
-        backbone, prec, fmt = args.cell.split(",")
-        folded, loop, rounds = measure(backbone, prec, fmt, args, device)
-        print(json.dumps({"folded": folded, "loop": loop, "rounds": rounds}))
+        backbone, prec, fmt, size = args.cell.split(",")
+        folded, loop, whole, rounds = measure(backbone, prec, fmt, int(size), args, device)
+        print(json.dumps({"folded": folded, "loop": loop, "whole": whole, "rounds": rounds}))
         return
 
     load_before = os.getloadavg()[0]
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     rows = []
-    for backbone in args.backbones.split(","):
-        for prec in precisions:
-            for fmt in args.formats.split(","):
-                r = run_cell(backbone, prec, fmt, child_argv)
-                if "error" in r:
-                    rows.append([backbone, prec, fmt, args.batch, args.regions, r["error"], "-", "-", 0])
-                else:
-                    rows.append([backbone, prec, fmt, args.batch, args.regions, round(r["folded"], 2),
-                                 round(r["loop"], 2), round(r["folded"] / r["loop"], 2), r["rounds"]])
-                print(" ".join(str(v) for v in rows[-1]), flush=True)
+    cells = [(b, p, f, int(s)) for b in args.backbones.split(",") for s in args.input_sizes.split(",")
+             for p in precisions for f in args.formats.split(",")]
+    for backbone, prec, fmt, size in cells:
+        r = run_cell(backbone, prec, fmt, size, child_argv)
+        if "error" in r:
+            rows.append([backbone, size, prec, fmt, args.batch, args.regions, r["error"], "-", "-", "-", "-", 0])
+        else:
+            rows.append([backbone, size, prec, fmt, args.batch, args.regions, round(r["folded"], 2),
+                         round(r["loop"], 2), round(r["folded"] / r["loop"], 2), round(r["whole"], 2),
+                         round(r["whole"] / r["folded"], 2), r["rounds"]])
+        print(" ".join(str(v) for v in rows[-1]), flush=True)
 
     where = f"GPU {torch.cuda.get_device_name(device)}" if args.gpu else f"CPU, {torch.get_num_threads()} torch threads"
     notes = (f"Forward+backward (CE + RB loss) of RegionAttentionNetwork in training mode, random 112x112 inputs, "
-             f"fixed regions; {where}; folded = all B*K crops in one backbone call, loop = one call per region. "
+             f"fixed regions resampled to the input size; {where}; folded = all B*K crops in one backbone call, "
+             f"loop = one call per region, whole face = the same backbone on the face alone (model.variant "
+             f"whole_face); RAN cost = its time per face over the whole face's. "
              f"Steps alternate folded/loop; each row times `rounds` steps of each after {args.warmup} "
              f"warm-up round(s). {cpu_info().describe()}.")
     notes += f" Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         notes += (" The CPU is shared with other jobs, so absolute figures are noisy; the ratio is the more "
                   "stable number. Folding is meant for the GPU; on a CPU the loop may win (cache effects).")
     report(f"RAN forward+backward, folded vs region loop ({'GPU' if args.gpu else 'CPU'})",
-           ["backbone", "precision", "memory format", "batch", "K", "folded faces/s", "loop faces/s", "folded/loop", "rounds"],
+           ["backbone", "input", "precision", "memory format", "batch", "K", "folded faces/s", "loop faces/s",
+            "folded/loop", "whole face faces/s", "RAN cost (x whole face)", "rounds"],
            rows, notes)
 
 
