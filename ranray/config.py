@@ -255,7 +255,8 @@ class PrepareConfig:
     align_fallback: bool = True
     # Where aligned faces sit in the 112x112 frame (ranray.data.align.TEMPLATES): insightface's
     # face-recognition frame, or fer2013 (FER2013's own tighter crop, so 48-pixel crops are not shrunk
-    # into black borders). auto: fer2013 for the ferplus source, insightface for every other.
+    # into black borders). auto: fer2013 for FER2013's crops (the ferplus source, not synthetic),
+    # insightface for every other (ranray.data.prepare.align_template).
     align_template: Literal["auto", "insightface", "fer2013"] = "auto"
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     affectnet_classes: Literal[7, 8] = 8  # AffectNet's published class sets: 8, or 7 without contempt
@@ -274,13 +275,6 @@ class PrepareConfig:
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
         "batch_size": "prepare runs whole blocks per task (rows_per_shard)",
     }
-
-    @property
-    def template(self) -> str:
-        """align_template with auto resolved for the source."""
-        if self.align_template != "auto":
-            return self.align_template
-        return "fer2013" if self.source == "ferplus" else "insightface"
 
     def validate(self) -> None:
         _check(bool(self.out), "out", "is required")

@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-SYNTH_MARKER = "synth.json"  # ranray.data.synth writes it at the root of every synthetic dataset
 CARD_SUFFIX = ".data.json"
 
 
@@ -29,13 +28,13 @@ def card_path(model_path: str | os.PathLike) -> Path:
 
 def describe_training_data(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The data card of a prepared dataset; raises DatasetError when it is not one."""
-    from ranray.data.schema import read_manifest
+    from ranray.data.schema import read_manifest, synthetic_inputs
 
     manifest = read_manifest(data_dir)
     inputs = [str(p) for p in (manifest.get("config") or {}).get("inputs", [])]
     synthetic = manifest.get("synthetic")
     if synthetic is None:
-        synthetic = bool(inputs) and all((Path(p) / SYNTH_MARKER).is_file() for p in inputs)
+        synthetic = synthetic_inputs(inputs)
     return {
         "data_dir": str(Path(data_dir).resolve()),
         "source": manifest.get("source", "unknown"),

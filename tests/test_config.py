@@ -126,12 +126,3 @@ def test_flatten_gives_dotted_scalars():
     assert flat["data.augment.erase_prob"] == 0.25
     assert all(not isinstance(v, dict) for v in flat.values())
 
-
-@pytest.mark.parametrize("source, setting, template", [
-    ("ferplus", "auto", "fer2013"), ("rafdb", "auto", "insightface"), ("imagefolder", "auto", "insightface"),
-    ("ferplus", "insightface", "insightface"), ("affectnet", "fer2013", "fer2013")])
-def test_the_alignment_template_resolves_per_source(source, setting, template):
-    cfg = load_config(PrepareConfig, None, [f"source={source}", "inputs=[x]", "out=y", f"align_template={setting}"])
-    assert cfg.template == template
-    with pytest.raises(ConfigError, match="align_template"):
-        load_config(PrepareConfig, None, ["inputs=[x]", "out=y", "align_template=arcface"])

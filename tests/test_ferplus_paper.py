@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ranray.config import PrepareConfig, load_config
-from ranray.data.prepare import prepare
-from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, read_manifest
+from ranray.config import ConfigError, PrepareConfig, load_config
+from ranray.data.prepare import align_template, prepare
+from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SYNTH_MARKER, read_manifest
 from ranray.data.sources import SourceError, mark_subsets
 from ranray.data.sources.ferplus import read_ferplus
 from ranray.data.sources.ferplus_folders import FOLDER_SPLITS
@@ -120,6 +120,21 @@ def test_prepare_from_label_csv_records_the_label_source(ray_session, tmp_path):
     for name, (reason, parts) in DAMAGED.items():
         assert (rejects[name]["reason"], rejects[name]["split"]) == (reason, "test")
         assert all(part in rejects[name]["detail"] for part in parts), rejects[name]["detail"]
+
+
+@pytest.mark.parametrize("source, setting, synthetic, template", [
+    ("ferplus", "auto", False, "fer2013"), ("ferplus", "auto", True, "insightface"),
+    ("rafdb", "auto", False, "insightface"), ("ferplus", "insightface", False, "insightface"),
+    ("affectnet", "fer2013", False, "fer2013")])
+def test_the_alignment_template_resolves_per_source(tmp_path, source, setting, synthetic, template):
+    """auto: FER2013's own frame for FER2013's crops; ranray's synthetic faces keep insightface's."""
+    if synthetic:
+        (tmp_path / SYNTH_MARKER).write_text("{}")
+    cfg = load_config(PrepareConfig, None, [f"source={source}", f"inputs=[{tmp_path}]", "out=y",
+                                            f"align_template={setting}"])
+    assert align_template(cfg) == template
+    with pytest.raises(ConfigError, match="align_template"):
+        load_config(PrepareConfig, None, ["inputs=[x]", "out=y", "align_template=arcface"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from ranray.config import ConfigError, PrepareConfig, to_dict
 from ranray.data.align import AlignOptions
 from ranray.data.prepare_worker import BlockJob, BlockPreparer, reject_record, task_rows
-from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_FLAGS
+from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_FLAGS, SYNTH_MARKER, synthetic_inputs
 from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_marker, read_markers, write_task_output
 from ranray.data.sources import PLANNERS, SourcePlan
 from ranray.data.sources.lines import cut
@@ -125,7 +125,7 @@ def prepare_synthetic(raw_dir: str | Path, out_dir: str | Path, options: SynthOp
     """
     opts = options or SynthOptions()
     raw = Path(raw_dir)
-    info = raw / "synth.json"
+    info = raw / SYNTH_MARKER
     if info.is_file():
         kept = json.loads(info.read_text())
         if kept["options"] != json.loads(json.dumps(asdict(opts))):
@@ -251,7 +251,16 @@ def _job(cfg: PrepareConfig, plan: SourcePlan, work: OutputLocation) -> BlockJob
 
 
 def align_options(cfg: PrepareConfig) -> AlignOptions:
-    return AlignOptions(detector=cfg.detector, template=cfg.template, fallback=cfg.align_fallback)
+    return AlignOptions(detector=cfg.detector, template=align_template(cfg), fallback=cfg.align_fallback)
+
+
+def align_template(cfg: PrepareConfig) -> str:
+    """`align_template`, with auto resolved: FER2013's own frame for FER2013's crops (the ferplus
+    source); insightface's for photos and for ranray's synthetic faces, which are drawn in a looser
+    frame than FER2013's and on which the demo and the occlusion study were measured."""
+    if cfg.align_template != "auto":
+        return cfg.align_template
+    return "fer2013" if cfg.source == "ferplus" and not synthetic_inputs(cfg.inputs) else "insightface"
 
 
 def _fingerprint(cfg: PrepareConfig, plan: SourcePlan, blocks: list[dict]) -> str:
@@ -524,7 +533,7 @@ def build_manifest(cfg: PrepareConfig, plan: SourcePlan, totals: dict, seconds: 
         "subset_lists": subsets,
         "face_size": FACE_SIZE,
         "detector": cfg.detector,
-        "align_template": cfg.template,  # where the faces sit in the frame: predict must align photos alike
+        "align_template": align_template(cfg),  # where the faces sit in the frame: predict must align photos alike
         "reader": plan.extra,
         "align_fallback_examples": totals["fallbacks"],
         "seconds": round(seconds, 2),

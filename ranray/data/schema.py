@@ -64,6 +64,14 @@ class DatasetError(RuntimeError):
     """A prepared dataset is missing, incomplete or of another schema version."""
 
 
+SYNTH_MARKER = "synth.json"  # ranray.data.synth writes it at the root of every synthetic dataset
+
+
+def synthetic_inputs(inputs: list[str]) -> bool:
+    """Whether prepare's inputs are ranray.data.synth output folders (every one holds the marker)."""
+    return bool(inputs) and all((Path(p) / SYNTH_MARKER).is_file() for p in inputs)
+
+
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ranray.config import CLASS_NAMES, PrepareConfig
-from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SUBSET_FLAGS
+from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SUBSET_FLAGS, SYNTH_MARKER
 from ranray.data.sources.common import CLASS_TABLES
 from ranray.data.sources.ferplus import VOTE_COLUMNS
 from ranray.data.synth_face import (DEFAULT_OCCLUDERS, OCCLUDERS, FaceSpec, Identity, Occluder, Pose, background,
@@ -332,5 +332,5 @@ def synthesize(out_dir: str | Path, opts: SynthOptions = SynthOptions()) -> Synt
     lists = _write_truth(root, samples, marks)
     info = {"options": asdict(opts), "counts": counts, "classes": list(CLASS_NAMES),
             "flags": {k: sum(1 for s in samples if s.flags & bit) for k, bit in SUBSET_FLAGS.items()}}
-    (root / "synth.json").write_text(json.dumps(info, indent=1))
+    (root / SYNTH_MARKER).write_text(json.dumps(info, indent=1))
     return SynthResult(root=root, options=opts, counts=counts, subset_lists=lists)
