@@ -91,7 +91,8 @@ def test_shipped_demo_config_trains_through_ranray_train(ray_session, tmp_path):
 CPU_KINDS = (CpuInfo("avx512 + bf16", frozenset({"avx2", "avx512f", "avx512_bf16"}), ""),
              CpuInfo("avx512 capped to AVX2", frozenset({"avx2", "avx512f", "avx512_bf16"}), "AVX2"),
              CpuInfo("avx2 only", frozenset({"avx2"}), ""))
-TRAINING_JOBS = {"demo.yaml": TrainConfig, "ferplus_ran_r50.yaml": TrainConfig, "ferplus_ran_paper.yaml": TrainConfig,
+TRAINING_JOBS = {"demo.yaml": TrainConfig, "ferplus_cpu.yaml": TrainConfig, "ferplus_ran_r50.yaml": TrainConfig,
+                 "ferplus_ran_paper.yaml": TrainConfig,
                  "pretrain_r50.yaml": PretrainConfig}
 
 
