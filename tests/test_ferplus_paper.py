@@ -130,9 +130,10 @@ def test_the_alignment_template_resolves_per_source(tmp_path, source, setting, s
     """auto: FER2013's own frame for FER2013's crops; ranray's synthetic faces keep insightface's."""
     if synthetic:
         (tmp_path / SYNTH_MARKER).write_text("{}")
-    cfg = load_config(PrepareConfig, None, [f"source={source}", f"inputs=[{tmp_path}]", "out=y",
-                                            f"align_template={setting}"])
-    assert align_template(cfg) == template
+    for inputs in (f"[{tmp_path}]", f"[{tmp_path / 'fer2013.csv'},{tmp_path / 'fer2013new.csv'}]"):
+        cfg = load_config(PrepareConfig, None, [f"source={source}", f"inputs={inputs}", "out=y",
+                                                f"align_template={setting}"])
+        assert align_template(cfg) == template, inputs
     with pytest.raises(ConfigError, match="align_template"):
         load_config(PrepareConfig, None, ["inputs=[x]", "out=y", "align_template=arcface"])
 

@@ -68,8 +68,10 @@ SYNTH_MARKER = "synth.json"  # ranray.data.synth writes it at the root of every 
 
 
 def synthetic_inputs(inputs: list[str]) -> bool:
-    """Whether prepare's inputs are ranray.data.synth output folders (every one holds the marker)."""
-    return bool(inputs) and all((Path(p) / SYNTH_MARKER).is_file() for p in inputs)
+    """Whether prepare's inputs come from ranray.data.synth: each is a folder it wrote (holding the
+    marker) or a file in one (its fer2013.csv pair, say)."""
+    folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in inputs]
+    return bool(inputs) and all((f / SYNTH_MARKER).is_file() for f in folders)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
