@@ -126,6 +126,10 @@ VARIANTS: dict[str, dict] = {
     "ran_k4": {"overrides": ["model.num_regions=4"]},
     "ran_no_erase": {"overrides": ["data.augment.erase_prob=0"]},
     "whole_face_no_erase": {"overrides": ["model.variant=whole_face", "data.augment.erase_prob=0"]},
+    # Against the attention's collapse onto one region (docs/REAL_FACES.md)
+    "ran_region_dropout": {"overrides": ["model.region_dropout=0.5"]},
+    "ran_attention_dropout": {"overrides": ["model.attention_dropout=0.5"]},
+    "ran_region_dropout_all": {"overrides": ["model.region_dropout=0.5", "model.region_dropout_whole_face=true"]},
 }
 # The default size: the RB-loss question and the baseline at about RAN's compute, ~31 min on 2
 # quiet cores (whole face ~55 s a run, RAN ~115 s, the 4x baseline ~170 s); every other variant
@@ -424,6 +428,24 @@ def real_table(runs: dict[tuple[str, int], dict], study: Study) -> tuple[list[st
     return REAL_HEADERS, rows
 
 
+def share_table(runs: dict[tuple[str, int], dict], study: Study) -> tuple[list[str], list[list]]:
+    """Each region's share of the decision (mu * nu normalised), mean +- std over seeds, per variant
+    with regions and per test subset: where the attention goes on clean, occluded and turned faces."""
+    from ranray.train.occlusion import SHARE_SUBSETS
+
+    regions: list[str] = []
+    rows = []
+    for v in study.variants:
+        got = [r for r in rows_of(runs, v) if r.get("region_shares")]
+        if not got:
+            continue
+        regions = regions or list(got[0]["region_shares"]["all"])
+        for subset in SHARE_SUBSETS:
+            rows.append([v, subset, *(mean_std([r["region_shares"][subset].get(k) for r in got], 1.0, 2)
+                                      for k in regions)])
+    return ["variant", "test faces", *regions], rows
+
+
 def mean_of(got: list[dict], key: str) -> str:
     values = [r[key] for r in got if r.get(key) is not None]
     return f"{statistics.fmean(values):.0f}" if values else "-"
@@ -508,10 +530,19 @@ def write_table(args: argparse.Namespace, size: Size, study: Study, runs: dict[t
     else:
         (headers, rows), notes = synthetic_table(runs, study.variants), synthetic_notes(args, size, study, runs)
         title = "Occlusion study: RAN variants vs the whole-face baseline (bench/occlusion.py)"
+    tables = [(title, headers, rows, notes)]
+    if args.data and (shares := share_table(runs, study))[1]:
+        tables.append((f"Region shares on {Path(study.data).name} (bench/occlusion.py)", *shares,
+                       "each region's mean share of the decision (mu * nu normalised over the regions) on the test "
+                       "faces of each subset, mean +- std over seeds; 1/K each would be an even spread. "
+                       + common_notes(runs, study)))
+    for table in tables:
+        if args.no_results:
+            print(markdown_table(*table[1:3]) + "\n\n" + table[3])
+        else:
+            report(*table)
     if args.no_results:
-        print(markdown_table(headers, rows) + "\n\n" + notes)
         return 0
-    report(title, headers, rows, notes)
     if not args.data and study.job_path == DEMO_JOB and not study.overrides:  # the demo's own configuration
         BASELINE_JSON.write_text(json.dumps(baseline_summary(runs, args.size, size, study), indent=1) + "\n")
     return 0

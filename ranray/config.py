@@ -92,7 +92,14 @@ class ModelConfig:
     region_mode: Literal["fixed", "landmark", "random"] = "fixed"
     num_regions: int = 6  # K, the whole face included
     crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
-    dropout: float = 0.0
+    dropout: float = 0.0  # before the classifier
+    # Dropout on the inputs of the two attention heads: the reference code's (0.5 there)
+    attention_dropout: float = 0.0
+    # Training only: each face drops each part region (not the whole face) from both poolings with
+    # this probability, so no region can carry every decision (docs/REAL_FACES.md: the collapse)
+    region_dropout: float = 0.0
+    # ... the whole face too (a face that loses every region keeps one at random): no view is always there
+    region_dropout_whole_face: bool = False
     num_classes: int = 8
     # The dataset's classes in label order (RAF-DB's 7, AffectNet's 7 or 8); empty: taken from the
     # prepared dataset's manifest before training, CLASS_NAMES[:num_classes] where there is none
@@ -408,6 +415,8 @@ def check_model(m: ModelConfig) -> None:
     _check(m.num_regions >= 2 or m.variant == "whole_face", "model.num_regions", "must be >= 2 (whole face + regions)")
     _check(0.0 < m.crop_frac <= 1.0, "model.crop_frac", "must be in (0, 1]")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
+    _check(0.0 <= m.region_dropout < 1.0, "model.region_dropout", "must be in [0, 1)")
     _check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
     _check(not m.class_names or len(m.class_names) == m.num_classes, "model.class_names",
            f"has {len(m.class_names)} names for model.num_classes={m.num_classes}")

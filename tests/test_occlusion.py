@@ -254,6 +254,11 @@ def test_study_on_a_prepared_set_with_subset_flags(ray_session, study, data_dir,
     assert "| variant | seeds | epochs | test % | mean class % | occlusion % | pose>30 % | pose>45 %" in table
     assert "| whole_face | 1 | 2 |" in table and "| ran | 1 | 2 |" in table
     assert "(source fixture; rows train 96, val 32, test 32)" in table and "protocol ran: the last epoch" in table
+    # Where the attention went, per subset: one row each, the run's own shares (one seed: std 0)
+    shares_all = ran["region_shares"]["all"]
+    assert ("| ran | all | " + " | ".join(f"{x:.2f} +- 0.00" for x in shares_all.values()) + " |") in table
+    assert "| variant | test faces | whole face | top-left | top-right |" in table
+    assert "| ran | pose45 |" in table and "| whole_face | all |" not in table
     # --table-only matches the command line: another protocol's table has no runs yet.
     assert run_study(study, tmp_path, data_dir, "--table-only", "protocol=clean") == 0
     assert "| ran |" not in capsys.readouterr().out

@@ -259,6 +259,64 @@ def test_bad_inputs_get_clear_errors():
         net(torch.randn(2, 3, 112, 112), torch.zeros(2, 5, 2))
 
 
+def test_region_dropout_pools_only_kept_regions_in_training_and_is_off_in_eval():
+    torch.manual_seed(0)
+    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=6, region_dropout=0.5),
+                                 backbone=create_model("iresnet_tiny", num_features=4))
+    feats = torch.randn(400, 6, 4)
+    net.eval()
+    mu, nu, p_eval = net.attend(feats)
+    reference = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=6),
+                                       backbone=net.backbone)
+    reference.load_state_dict(net.state_dict())
+    torch.testing.assert_close(p_eval, reference.eval().attend(feats)[2], rtol=0, atol=0)
+
+    net.train()
+    torch.manual_seed(1)
+    keep = net.region_keep_mask(mu)
+    assert torch.all(keep[:, 0] == 1.0)  # the whole face is never dropped
+    assert 0.45 < 1.0 - keep[:, 1:].mean().item() < 0.55
+    torch.manual_seed(1)
+    mu_t, nu_t, p_train = net.attend(feats)
+    torch.testing.assert_close(mu_t, mu, rtol=0, atol=0)  # mu and nu come back unmasked
+    # The pooling by hand over the kept regions only.
+    m = mu * keep
+    f_m = (m[..., None] * feats).sum(1) / m.sum(1, keepdim=True)
+    fc = torch.cat([feats, f_m[:, None].expand_as(feats)], dim=-1)
+    w = m * nu_t
+    torch.testing.assert_close(p_train, (w[..., None] * fc).sum(1) / w.sum(1, keepdim=True), rtol=0, atol=1e-6)
+    dropped_only_whole = keep[:, 1:].sum(1) == 0
+    assert dropped_only_whole.any()
+    torch.testing.assert_close(p_train[dropped_only_whole],
+                               torch.cat([feats[dropped_only_whole, 0]] * 2, dim=-1), rtol=0, atol=1e-6)
+
+
+def test_region_dropout_of_the_whole_face_too_keeps_one_region_per_face():
+    net = tiny_ran(num_regions=6, region_dropout=0.7, region_dropout_whole_face=True).train()
+    torch.manual_seed(2)
+    keep = net.region_keep_mask(torch.rand(4000, 6))
+    assert torch.all(keep.sum(1) >= 1)
+    dropped_whole = 1.0 - keep[:, 0].mean().item()
+    assert 0.6 < dropped_whole < 0.7  # 0.7, less the faces that lost all six and kept the whole face
+    sole = keep.sum(1) == 1
+    # Faces left with one region: kept by chance (0.3 * 0.7**5) or re-kept at random (0.7**6), each region alike
+    counts = keep[sole].sum(0)
+    assert counts.min() > 0.7 * counts.mean()
+
+
+def test_attention_dropout_noises_both_heads_in_training_only():
+    torch.manual_seed(0)
+    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=3, attention_dropout=0.5),
+                                 backbone=create_model("iresnet_tiny", num_features=8))
+    feats = torch.randn(4, 3, 8)
+    net.eval()
+    a = net.attend(feats)
+    torch.testing.assert_close(net.attend(feats)[0], a[0], rtol=0, atol=0)
+    net.train()
+    b, c = net.attend(feats), net.attend(feats)
+    assert not torch.equal(b[0], c[0]) and not torch.equal(b[1], c[1])
+
+
 def test_bad_configs_get_clear_errors():
     with pytest.raises(ValueError, match=r"unknown region_mode 'grid'; known: fixed, landmark, random"):
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_mode="grid"))
@@ -268,6 +326,10 @@ def test_bad_configs_get_clear_errors():
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_mode="landmark", num_regions=1))
     with pytest.raises(ConfigError, match=r"'model.crop_frac' must be in \(0, 1\]"):
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", crop_frac=1.5))
+    with pytest.raises(ConfigError, match=r"'model.region_dropout' must be in \[0, 1\)"):
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_dropout=1.0))
+    with pytest.raises(ConfigError, match=r"'model.attention_dropout' must be in \[0, 1\)"):
+        RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", attention_dropout=-0.1))
     with pytest.raises(ConfigError, match=r"'model.input_size' must be a multiple of 16.*got 50"):
         RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", input_size=50))
     with pytest.raises(ConfigError, match=r"'model.backbone': unknown model 'resnet50'.*iresnet50"):

@@ -207,6 +207,7 @@ class RegionAttentionNetwork(nn.Module):
         relation = self.variant.relation_attention
         self.beta = nn.Linear(2 * d, 1) if relation else None  # relation-attention head
         self.dropout = nn.Dropout(cfg.dropout)
+        self.attention_dropout = nn.Dropout(cfg.attention_dropout)
         self.classifier = nn.Linear(2 * d if relation else d, cfg.num_classes)
         self.region_mode = REGION_MODES[cfg.region_mode]
         # Non-persistent: derived from the config, so checkpoints stay plain weights; buffers so
@@ -236,18 +237,31 @@ class RegionAttentionNetwork(nn.Module):
     def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Region features (B, K, d) -> mu (B, K), nu (B, K), P_RAN (B, 2d), all float32.
 
-        Without relation-attention nu is all ones and P_RAN is F_m (B, d)."""
+        Without relation-attention nu is all ones and P_RAN is F_m (B, d). In training, the regions
+        region_keep_mask drops take no part in F_m or P_RAN; mu and nu are returned unmasked."""
         with torch.autocast(features.device.type, enabled=False):
             f = features.float()
-            mu = torch.sigmoid(self.alpha(f)).squeeze(-1)
-            f_m = (mu[..., None] * f).sum(1) / mu.sum(1, keepdim=True)
+            mu = torch.sigmoid(self.alpha(self.attention_dropout(f))).squeeze(-1)
+            mu_kept = mu * self.region_keep_mask(mu) if self.training else mu
+            f_m = (mu_kept[..., None] * f).sum(1) / mu_kept.sum(1, keepdim=True)
             if self.beta is None:
                 return mu, torch.ones_like(mu), f_m
             fc = torch.cat([f, f_m[:, None, :].expand_as(f)], dim=-1)  # [F_i ; F_m]
-            nu = torch.sigmoid(self.beta(fc)).squeeze(-1)
-            w = mu * nu
+            nu = torch.sigmoid(self.beta(self.attention_dropout(fc))).squeeze(-1)
+            w = mu_kept * nu
             p = (w[..., None] * fc).sum(1) / w.sum(1, keepdim=True)
         return mu, nu, p
+
+    def region_keep_mask(self, mu: torch.Tensor) -> torch.Tensor:
+        """(B, K) of 0 / 1: each part region dropped with probability region_dropout; the whole face
+        (region 0) always kept, or, with region_dropout_whole_face, dropped like the parts and a face
+        that lost every region keeps one at random. Every face keeps at least one region."""
+        keep = torch.rand_like(mu) >= self.cfg.region_dropout
+        if not self.cfg.region_dropout_whole_face:
+            keep[:, 0] = True
+        lost = (~keep.any(1)).nonzero().squeeze(1)
+        keep[lost, torch.randint(mu.shape[1], lost.shape, device=mu.device)] = True
+        return keep.to(mu.dtype)
 
     def classify(self, p: torch.Tensor) -> torch.Tensor:
         with torch.autocast(p.device.type, enabled=False):
