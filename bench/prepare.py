@@ -7,8 +7,12 @@
   detectors  detector none vs dlib ("given") faces/s on the same aligned 112x112 RecordIO faces
   nodes      `ray job submit` of prepare to the local multi-node cluster (cluster/local.sh): 1 vs 3
              worker nodes, and one node with 2 CPUs vs 2 nodes with 1 (not in the default parts)
+  real       the real FERPlus (--ferplus DIR: FER2013Train/Valid/Test with label.csv) with RAN's lists
+             (--lists DIR: FERplus_dir/), one worker per CPU, each template: rows, rejects, fallbacks,
+             list matches and faces/s (not in the default parts; docs/REAL_FACES.md)
 
     .venv/bin/python bench/prepare.py [--parts align,scale,detectors,nodes] [--n 5000]
+    .venv/bin/python bench/prepare.py --parts real --ferplus data/raw/ferplus --lists FERplus_dir
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from PIL import Image  # noqa: E402
 
 from _results import report  # noqa: E402
 
+from ranray.config import PrepareConfig  # noqa: E402
 from ranray.data.prepare import align_options, prepare  # noqa: E402
 from ranray.data.prepare_worker import DlibFaces  # noqa: E402
 from ranray.data.sources import READERS  # noqa: E402
@@ -230,6 +235,33 @@ def part_detectors(tmp: Path, rows: int, cpus: int) -> None:
            notes=f"detector none is {ratio:.1f}x dlib ('given': 68-point fit + warp + JPEG) end to end.")
 
 
+SPLITS = ("train", "val", "test")
+RAN_LISTS = {"occlusion": "jianfei_occlusion_list.txt", "pose30": "pose_30_ferplus_list.txt",
+             "pose45": "pose_45_ferplus_list.txt"}
+
+
+def part_real(tmp: Path, ferplus: Path, lists: Path | None, cpus: int, templates: list[str]) -> None:
+    """`ranray prepare ferplus` on the real folders, as a user runs it: every row accounted for."""
+    subset_lists = {k: str(lists / name) for k, name in RAN_LISTS.items()} if lists else {}
+    table = []
+    for template in templates:
+        out = tmp / f"ferplus_{template}"
+        s = prepare(PrepareConfig(source="ferplus", inputs=[str(ferplus)], out=str(out), align_template=template,
+                                  subset_lists=subset_lists, num_workers=cpus))
+        matched = json.loads((out / "manifest.json").read_text())["subset_lists"]
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(s.rejects_by_reason.items(), key=lambda kv: -kv[1]))
+        table.append([template, s.rows_in, s.rows_written, " / ".join(str(s.split_rows.get(k, 0)) for k in SPLITS),
+                      f"{s.rows_rejected} ({reasons})", s.align_fallback,
+                      " / ".join(f"{m['matched']} of {m['listed']}" for m in matched.values()) or "-",
+                      round(s.seconds, 1), round(s.rows_written / s.seconds, 1)])
+    report("prepare: the real FERPlus, end to end (ranray prepare ferplus, dlib, 48x48 crops)",
+           ["align template", "rows in", "written", " / ".join(SPLITS), "rejected", "box fallbacks",
+            f"lists matched ({'/'.join(RAN_LISTS)})", "seconds", "faces/s"], table,
+           notes=f"{ferplus} with RAN's lists from {lists or '(none)'}; {cpus} workers on a Ray started before the "
+                 f"first run (no run pays its start-up); detector given (the crops are faces). "
+                 f"Load average after the runs: {load()} on {cpus} CPUs.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="align,scale,detectors")
@@ -239,9 +271,14 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x1,3x1,1x2,2x1",
                         help="nodes part: worker nodes x CPUs per node, one cluster each")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the align part")
+    parser.add_argument("--ferplus", help="real part: the folder holding FER2013Train/, FER2013Valid/, FER2013Test/")
+    parser.add_argument("--lists", help="real part: RAN's FERplus_dir/ with the occlusion and pose lists")
+    parser.add_argument("--templates", default="fer2013,insightface", help="real part: align templates to run")
     args = parser.parse_args()
     parts = args.parts.split(",")
     cpus = os.cpu_count() or 1
+    if "real" in parts and not args.ferplus:
+        parser.error("--parts real needs --ferplus DIR (the real FER2013Train/Valid/Test folders)")
     if "nodes" in parts:  # before this bench's own Ray starts: the cluster gets the machine to itself
         with tempfile.TemporaryDirectory() as tmp:
             part_nodes(Path(tmp), args.n, [tuple(map(int, lay.split("x"))) for lay in args.layouts.split(",")])
@@ -261,6 +298,9 @@ def main() -> None:
                 part_scale(Path(tmp), [int(s) for s in args.sizes.split(",")], cpus, env)
             if "detectors" in parts:
                 part_detectors(Path(tmp), args.detector_rows, cpus)
+            if "real" in parts:
+                part_real(Path(tmp), Path(args.ferplus), Path(args.lists) if args.lists else None, cpus,
+                          args.templates.split(","))
     finally:
         ray.shutdown()
 
