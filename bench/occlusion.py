@@ -130,6 +130,7 @@ VARIANTS: dict[str, dict] = {
     "ran_region_dropout": {"overrides": ["model.region_dropout=0.5"]},
     "ran_attention_dropout": {"overrides": ["model.attention_dropout=0.5"]},
     "ran_region_dropout_all": {"overrides": ["model.region_dropout=0.5", "model.region_dropout_whole_face=true"]},
+    "ran_share_entropy": {"overrides": ["loss.share_entropy=0.1"]},
 }
 # The default size: the RB-loss question and the baseline at about RAN's compute, ~31 min on 2
 # quiet cores (whole face ~55 s a run, RAN ~115 s, the 4x baseline ~170 s); every other variant

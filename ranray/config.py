@@ -120,6 +120,9 @@ class LossConfig:
     # 0.1 FERPlus, 0.02 AffectNet and RAF-DB)
     rb_margin: float | None = None
     rb_space: Literal["softmax", "sigmoid"] = "softmax"  # softmax: the official code; sigmoid: the paper's text
+    # Weight of a penalty on the concentration of the decision on few regions (log K - entropy of the
+    # mu * nu shares; ranray.models.losses.share_concentration). Not in the paper: 0 turns it off.
+    share_entropy: float = 0.0
 
 
 @dataclass
@@ -237,6 +240,7 @@ class TrainConfig:
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         check_model(self.model)
         _check(self.loss.rb_margin is None or self.loss.rb_margin >= 0.0, "loss.rb_margin", "must be >= 0 (or null)")
+        _check(self.loss.share_entropy >= 0.0, "loss.share_entropy", "must be >= 0 (0: off)")
         _check(self.optim.lr > 0.0, "optim.lr", "must be > 0")
         _check(all(0.0 < m < 1.0 for m in self.optim.milestones), "optim.milestones",
                "must be fractions of the epochs in (0, 1)")

@@ -78,6 +78,8 @@ def test_wrong_type_or_choice_is_refused_by_name(override, key):
     ("model.num_regions=1", "model.num_regions"),
     ("model.crop_frac=0", "model.crop_frac"),
     ("loss.rb_margin=-0.1", "loss.rb_margin"),
+    ("loss.share_entropy=-0.1", "loss.share_entropy"),
+    ("model.region_dropout=1", "model.region_dropout"),
     ("optim.milestones=[1.5]", "optim.milestones"),
     ("precision=fp16", "precision"),  # fp16 without a GPU
     ("log_every_n_steps=0", "log_every_n_steps"),

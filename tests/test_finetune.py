@@ -6,8 +6,10 @@ over a truncated checkpoint must apply exactly the same steps, on the same batch
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +17,12 @@ from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.config import OptimConfig
+from ranray.data.loader import build_loader
+from ranray.models import build_ran, share_concentration
 from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 from ranray.train.evaluate import evaluate, load_trained_model
+from ranray.train.finetune import FineTune
 from ranray.train.launch import build_trainer, run_training
 from ranray.train.optim import lr_factor
 
@@ -188,3 +193,20 @@ def test_cosine_schedule_decays_to_zero():
     f = [lr_factor(s, steps_per_epoch=5, epochs=4, o=o) for s in range(20)]
     assert f[0] == 1.0 and all(a > b for a, b in zip(f, f[1:])) and f[-1] < 0.01
     assert f[10] == pytest.approx(0.5)
+
+
+def test_share_entropy_adds_its_weighted_penalty_to_the_fine_tuning_loss(data_dir, tmp_path):
+    """The penalty (loss.share_entropy) enters FineTune.loss with its weight; 0 leaves the loss as it was."""
+    plain = tiny_config(data_dir, tmp_path, "plain")
+    weighted = tiny_config(data_dir, tmp_path, "weighted", "loss.share_entropy=0.5")
+    torch.manual_seed(0)
+    net = build_ran(plain.model).eval()  # eval: no dropout, BN running stats: both calls see one function
+    batch = next(iter(build_loader(data_dir, "train", batch_size=8, backend="torch", num_threads=0)))
+    batch["landmarks"] = None
+    engine = SimpleNamespace(model=net, autocast=contextlib.nullcontext)
+    with torch.no_grad():
+        out = net(batch["images"])
+        gap = FineTune(weighted).loss(engine, batch) - FineTune(plain).loss(engine, batch)
+    penalty = share_concentration(out.mu, out.nu)
+    assert penalty.item() > 0.0
+    assert gap.item() == pytest.approx(0.5 * penalty.item(), rel=1e-4, abs=1e-6)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ranray.models import LABEL_MODES, expression_loss, region_biased_loss
+from ranray.models import LABEL_MODES, expression_loss, region_biased_loss, share_concentration
 from ranray.models.losses import rb_margin_for
 
 P = [0.2, 0.5, 0.3]
@@ -53,6 +53,25 @@ def test_rb_loss_default_is_the_official_softmax_space():
     assert region_biased_loss(mu[:1], margin=0.1).item() == pytest.approx(0.1 - (w[0][1] - w[0][0]), abs=1e-6)
     with pytest.raises(ValueError, match=r"unknown RB-loss space 'logit'; known: softmax, sigmoid"):
         region_biased_loss(mu, space="logit")
+
+
+def test_share_concentration_is_zero_for_an_even_spread_and_log_k_for_one_region():
+    even = torch.full((3, 6), 0.5)
+    assert share_concentration(even, torch.ones(3, 6)).item() == pytest.approx(0.0, abs=1e-6)
+    one = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    assert share_concentration(torch.ones(1, 6), one).item() == pytest.approx(math.log(6), abs=1e-6)
+    # Shares 0.5 / 0.25 / 0.25 from mu * nu = 0.8 * 0.5, 0.4 * 0.5, 0.2 * 1.0
+    mu, nu = torch.tensor([[0.8, 0.4, 0.2]]), torch.tensor([[0.5, 0.5, 1.0]])
+    entropy = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert share_concentration(mu, nu).item() == pytest.approx(math.log(3) - entropy, abs=1e-6)
+
+
+def test_share_concentration_gradient_lifts_the_small_shares():
+    mu = torch.tensor([[0.9, 0.5, 0.1]], requires_grad=True)
+    share_concentration(mu, torch.ones(1, 3)).backward()
+    assert mu.grad[0, 0] > 0 > mu.grad[0, 2]  # descent lowers the largest weight and raises the smallest
+    with pytest.raises(ValueError, match=r"mu and nu must both be \(B, K\)"):
+        share_concentration(torch.ones(2, 3), torch.ones(2, 4))
 
 
 def test_rb_margin_defaults_come_from_the_dataset():

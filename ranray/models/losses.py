@@ -19,6 +19,8 @@ A row whose targets sum to zero falls back to its hard label, so no mode produce
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -53,6 +55,17 @@ def region_biased_loss(mu: torch.Tensor, margin: float = 0.1, space: str = "soft
     w = to_space(mu.float())
     gap = w[:, 1:].max(dim=1).values - w[:, 0]
     return F.relu(margin - gap).mean()
+
+
+def share_concentration(mu: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """mean_b (log K - H(s_b)), s = mu * nu normalised over the K regions: 0 when every region has the
+    same share of the decision, log K when one region has it all (the collapse docs/RESULTS.md shows)."""
+    if mu.dim() != 2 or mu.shape != nu.shape:
+        raise ValueError(f"mu and nu must both be (B, K), got {tuple(mu.shape)} and {tuple(nu.shape)}")
+    w = mu.float() * nu.float()
+    s = w / w.sum(dim=1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+    entropy = -(s * s.clamp(min=torch.finfo(s.dtype).tiny).log()).sum(dim=1)
+    return (math.log(mu.shape[1]) - entropy).mean()
 
 
 def rb_margin_for(source: str | None, margin: float | None) -> float:

@@ -27,7 +27,7 @@ import torch
 from ranray.config import TrainConfig, class_names_of, from_dict
 from ranray.data.loader import FaceLoader, build_loader
 from ranray.data.schema import read_manifest
-from ranray.models import build_ran, expression_loss, region_biased_loss
+from ranray.models import build_ran, expression_loss, region_biased_loss, share_concentration
 from ranray.models.losses import rb_margin_for
 from ranray.models.ran import VARIANTS
 from ranray.train.checkpoint import atomic_write_text, export_model, load_checkpoint
@@ -94,6 +94,8 @@ class FineTune:
         loss = expression_loss(out.logits, batch["labels"], batch["targets"], self.cfg.loss.label_mode)
         if self.rb_loss:
             loss = loss + region_biased_loss(out.mu, self.rb_margin, self.cfg.loss.rb_space)
+        if self.cfg.loss.share_entropy and out.mu.shape[1] > 1:
+            loss = loss + self.cfg.loss.share_entropy * share_concentration(out.mu, out.nu)
         return loss
 
     def validate(self, e: Engine) -> Validation:
