@@ -40,6 +40,7 @@ from ranray.config import PrepareConfig  # noqa: E402
 from ranray.data.prepare import align_options, prepare  # noqa: E402
 from ranray.data.prepare_worker import DlibFaces  # noqa: E402
 from ranray.data.sources import READERS  # noqa: E402
+from ranray.data.sources.common import SPLIT_NAMES  # noqa: E402
 from ranray.data.sources.recordio import write_sorted_recordio  # noqa: E402
 from ranray.data.synth import SynthOptions, synthesize  # noqa: E402
 
@@ -235,7 +236,6 @@ def part_detectors(tmp: Path, rows: int, cpus: int) -> None:
            notes=f"detector none is {ratio:.1f}x dlib ('given': 68-point fit + warp + JPEG) end to end.")
 
 
-SPLITS = ("train", "val", "test")
 RAN_LISTS = {"occlusion": "jianfei_occlusion_list.txt", "pose30": "pose_30_ferplus_list.txt",
              "pose45": "pose_45_ferplus_list.txt"}
 
@@ -250,12 +250,12 @@ def part_real(tmp: Path, ferplus: Path, lists: Path | None, cpus: int, templates
                                   subset_lists=subset_lists, num_workers=cpus))
         matched = json.loads((out / "manifest.json").read_text())["subset_lists"]
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(s.rejects_by_reason.items(), key=lambda kv: -kv[1]))
-        table.append([template, s.rows_in, s.rows_written, " / ".join(str(s.split_rows.get(k, 0)) for k in SPLITS),
+        table.append([template, s.rows_in, s.rows_written, " / ".join(str(s.split_rows.get(k, 0)) for k in SPLIT_NAMES),
                       f"{s.rows_rejected} ({reasons})", s.align_fallback,
                       " / ".join(f"{m['matched']} of {m['listed']}" for m in matched.values()) or "-",
                       round(s.seconds, 1), round(s.rows_written / s.seconds, 1)])
     report("prepare: the real FERPlus, end to end (ranray prepare ferplus, dlib, 48x48 crops)",
-           ["align template", "rows in", "written", " / ".join(SPLITS), "rejected", "box fallbacks",
+           ["align template", "rows in", "written", " / ".join(SPLIT_NAMES), "rejected", "box fallbacks",
             f"lists matched ({'/'.join(RAN_LISTS)})", "seconds", "faces/s"], table,
            notes=f"{ferplus} with RAN's lists from {lists or '(none)'}; {cpus} workers on a Ray started before the "
                  f"first run (no run pays its start-up); detector given (the crops are faces). "

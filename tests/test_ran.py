@@ -17,6 +17,13 @@ def tiny_ran(seed: int = 0, **kw) -> RegionAttentionNetwork:
     return RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", **kw))
 
 
+def head_test_ran(num_features: int, **kw) -> RegionAttentionNetwork:
+    """A RAN whose backbone emits num_features, seeded: for attend() on hand-made features."""
+    torch.manual_seed(0)
+    return RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", **kw),
+                                  backbone=create_model("iresnet_tiny", num_features=num_features))
+
+
 def ramp_images(b: int = 2, size: int = 112) -> torch.Tensor:
     """Channel 0 = column index, channel 1 = row index: bilinear sampling of it is exact."""
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
@@ -42,9 +49,7 @@ def calibrated(model: RegionAttentionNetwork, x: torch.Tensor) -> RegionAttentio
 
 
 def test_attention_matches_hand_computation():
-    torch.manual_seed(0)
-    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=3),
-                                 backbone=create_model("iresnet_tiny", num_features=2))
+    net = head_test_ran(2, num_regions=3)
     with torch.no_grad():
         net.alpha.weight.copy_(torch.tensor([[1.0, -1.0]]))
         net.alpha.bias.fill_(0.5)
@@ -260,9 +265,7 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_region_dropout_pools_only_kept_regions_in_training_and_is_off_in_eval():
-    torch.manual_seed(0)
-    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=6, region_dropout=0.5),
-                                 backbone=create_model("iresnet_tiny", num_features=4))
+    net = head_test_ran(4, num_regions=6, region_dropout=0.5)
     feats = torch.randn(400, 6, 4)
     net.eval()
     mu, nu, p_eval = net.attend(feats)
@@ -305,9 +308,7 @@ def test_region_dropout_of_the_whole_face_too_keeps_one_region_per_face():
 
 
 def test_attention_dropout_noises_both_heads_in_training_only():
-    torch.manual_seed(0)
-    net = RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", num_regions=3, attention_dropout=0.5),
-                                 backbone=create_model("iresnet_tiny", num_features=8))
+    net = head_test_ran(8, num_regions=3, attention_dropout=0.5)
     feats = torch.randn(4, 3, 8)
     net.eval()
     a = net.attend(feats)

@@ -242,7 +242,7 @@ class RegionAttentionNetwork(nn.Module):
         with torch.autocast(features.device.type, enabled=False):
             f = features.float()
             mu = torch.sigmoid(self.alpha(self.attention_dropout(f))).squeeze(-1)
-            mu_kept = mu * self.region_keep_mask(mu) if self.training else mu
+            mu_kept = mu * self.region_keep_mask(mu) if self.training and self.cfg.region_dropout > 0 else mu
             f_m = (mu_kept[..., None] * f).sum(1) / mu_kept.sum(1, keepdim=True)
             if self.beta is None:
                 return mu, torch.ones_like(mu), f_m
@@ -259,9 +259,9 @@ class RegionAttentionNetwork(nn.Module):
         keep = torch.rand_like(mu) >= self.cfg.region_dropout
         if not self.cfg.region_dropout_whole_face:
             keep[:, 0] = True
-        lost = (~keep.any(1)).nonzero().squeeze(1)
-        keep[lost, torch.randint(mu.shape[1], lost.shape, device=mu.device)] = True
-        return keep.to(mu.dtype)
+        # A region drawn for every face, kept where the face lost all: masks, no nonzero(), no device sync.
+        pick = F.one_hot(torch.randint(mu.shape[1], mu.shape[:1], device=mu.device), mu.shape[1]).bool()
+        return (keep | (pick & ~keep.any(1, keepdim=True))).to(mu.dtype)
 
     def classify(self, p: torch.Tensor) -> torch.Tensor:
         with torch.autocast(p.device.type, enabled=False):
