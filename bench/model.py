@@ -1,6 +1,7 @@
-"""RAN forward+backward throughput: all K regions folded into one backbone call vs a Python loop
-over the regions (how the reference RAN code runs), and the whole-face network on the same backbone,
-per backbone, input size, precision and memory format.
+"""RAN forward+backward throughput: all K crops folded into one backbone call vs a Python loop over
+the regions (how the reference RAN code runs), the pooled regions (model.region_features=pooled: one
+backbone pass, each region read from the last feature map), and the whole-face network on the same
+backbone, per backbone, input size, precision and memory format.
 
     python bench/model.py                      # CPU: iresnet50 + iresnet_tiny, fp32 + bf16, NCHW + NHWC
     python bench/model.py --gpu                # the same on CUDA, plus fp16
@@ -8,7 +9,7 @@ per backbone, input size, precision and memory format.
     python bench/model.py --backbones iresnet_tiny,iresnet_small --input-sizes 48,64,112 --precisions bf16 \
         --formats contiguous --batch 32          # jobs/ferplus_cpu.yaml's choice (docs/REAL_FACES.md)
 
-Folded and looped steps alternate on the same model, so background load hits both alike. Each
+The modes' steps alternate (folded, loop, pooled, whole face), so background load hits all alike. Each
 cell runs in a child process: a kernel that crashes on this CPU (oneDNN's AVX-512 NHWC backward
 does, see ranray/hardware.py) becomes a row saying so instead of ending the benchmark.
 The table, with the CPU's flags, is printed and appended to bench/RESULTS.md.
@@ -67,20 +68,22 @@ def step(net, forward, images, labels, precision: str, device: torch.device) -> 
     return time.perf_counter() - t0
 
 
-def measure(backbone: str, precision: str, fmt: str, size: int, args,
-            device: torch.device) -> tuple[float, float, float, int]:
-    """Faces/s of RAN folded, RAN looped over regions, and the whole-face network (same backbone)."""
+def measure(backbone: str, precision: str, fmt: str, size: int, args, device: torch.device) -> dict:
+    """Faces/s of RAN on crops folded and looped over regions, RAN on pooled regions, and the whole-face
+    network (same backbone), and the timed rounds."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 
-    def build(variant: str) -> RegionAttentionNetwork:
-        cfg = ModelConfig(backbone=backbone, num_regions=args.regions, input_size=size, variant=variant)
+    def build(variant: str, features: str = "crops") -> RegionAttentionNetwork:
+        cfg = ModelConfig(backbone=backbone, num_regions=args.regions, input_size=size, variant=variant,
+                          region_features=features)
         return RegionAttentionNetwork(cfg).to(device).train().to(memory_format=memory_format)
 
-    ran, whole = build("ran"), build("whole_face")
+    ran, pooled, whole = build("ran"), build("ran", "pooled"), build("whole_face")
     images = torch.randn(args.batch, 3, 112, 112, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 8, (args.batch,), device=device)
-    modes = {"folded": (ran, folded_forward), "loop": (ran, loop_forward), "whole": (whole, folded_forward)}
+    modes = {"folded": (ran, folded_forward), "loop": (ran, loop_forward), "pooled": (pooled, folded_forward),
+             "whole": (whole, folded_forward)}
     for _ in range(args.warmup):
         for net, fwd in modes.values():
             step(net, fwd, images, labels, precision, device)
@@ -91,8 +94,7 @@ def measure(backbone: str, precision: str, fmt: str, size: int, args,
         for name, (net, fwd) in modes.items():
             spent[name] += step(net, fwd, images, labels, precision, device)
         rounds += 1
-    faces = args.batch * rounds
-    return faces / spent["folded"], faces / spent["loop"], faces / spent["whole"], rounds
+    return {name: args.batch * rounds / s for name, s in spent.items()} | {"rounds": rounds}
 
 
 def run_cell(backbone: str, precision: str, fmt: str, size: int, argv: list[str]) -> dict:
@@ -140,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.cell:
         backbone, prec, fmt, size = args.cell.split(",")
-        folded, loop, whole, rounds = measure(backbone, prec, fmt, int(size), args, device)
-        print(json.dumps({"folded": folded, "loop": loop, "whole": whole, "rounds": rounds}))
+        print(json.dumps(measure(backbone, prec, fmt, int(size), args, device)))
         return
 
     load_before = os.getloadavg()[0]
@@ -152,27 +153,31 @@ def main(argv: list[str] | None = None) -> None:
     for backbone, prec, fmt, size in cells:
         r = run_cell(backbone, prec, fmt, size, child_argv)
         if "error" in r:
-            rows.append([backbone, size, prec, fmt, args.batch, args.regions, r["error"], "-", "-", "-", "-", 0])
+            rows.append([backbone, size, prec, fmt, args.batch, args.regions, r["error"], *"-" * 6, 0])
         else:
             rows.append([backbone, size, prec, fmt, args.batch, args.regions, round(r["folded"], 2),
-                         round(r["loop"], 2), round(r["folded"] / r["loop"], 2), round(r["whole"], 2),
-                         round(r["whole"] / r["folded"], 2), r["rounds"]])
+                         round(r["loop"], 2), round(r["pooled"], 2), round(r["whole"], 2),
+                         round(r["whole"] / max(r["folded"], r["loop"]), 2), round(r["whole"] / r["pooled"], 2),
+                         r["rounds"]])
         print(" ".join(str(v) for v in rows[-1]), flush=True)
 
     where = f"GPU {torch.cuda.get_device_name(device)}" if args.gpu else f"CPU, {torch.get_num_threads()} torch threads"
     notes = (f"Forward+backward (CE + RB loss) of RegionAttentionNetwork in training mode, random 112x112 inputs, "
-             f"fixed regions resampled to the input size; {where}; folded = all B*K crops in one backbone call, "
-             f"loop = one call per region, whole face = the same backbone on the face alone (model.variant "
-             f"whole_face); RAN cost = its time per face over the whole face's. "
-             f"Steps alternate folded/loop; each row times `rounds` steps of each after {args.warmup} "
+             f"fixed regions; {where}; folded = all B*K crops (each resampled to the input size) in one backbone "
+             f"call, loop = one call per region, pooled = model.region_features=pooled (one backbone pass, each "
+             f"region resampled from the last feature map, the backbone's head per region), whole face = the "
+             f"same backbone on the face alone (model.variant whole_face); cost = time per face over the whole "
+             f"face's (crops: the faster of folded and loop). "
+             f"Steps alternate between the modes; each row times `rounds` steps of each after {args.warmup} "
              f"warm-up round(s). {cpu_info().describe()}.")
     notes += f" Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
     if not args.gpu:
         notes += (" The CPU is shared with other jobs, so absolute figures are noisy; the ratio is the more "
                   "stable number. Folding is meant for the GPU; on a CPU the loop may win (cache effects).")
-    report(f"RAN forward+backward, folded vs region loop ({'GPU' if args.gpu else 'CPU'})",
-           ["backbone", "input", "precision", "memory format", "batch", "K", "folded faces/s", "loop faces/s",
-            "folded/loop", "whole face faces/s", "RAN cost (x whole face)", "rounds"],
+    report(f"RAN forward+backward: crops (folded, loop) vs pooled regions vs whole face ({'GPU' if args.gpu else 'CPU'})",
+           ["backbone", "input", "precision", "memory format", "batch", "K", "crops folded faces/s",
+            "crops loop faces/s", "pooled faces/s", "whole face faces/s", "crops cost (x whole face)",
+            "pooled cost (x whole face)", "rounds"],
            rows, notes)
 
 

@@ -131,6 +131,10 @@ VARIANTS: dict[str, dict] = {
     "ran_attention_dropout": {"overrides": ["model.attention_dropout=0.5"]},
     "ran_region_dropout_all": {"overrides": ["model.region_dropout=0.5", "model.region_dropout_whole_face=true"]},
     "ran_share_entropy": {"overrides": ["loss.share_entropy=0.1"]},
+    # Region features from one backbone pass (model.region_features=pooled): at equal epochs, and given
+    # the crops' training time (--variant-epochs ran_pooled_eqtime=N)
+    "ran_pooled": {"overrides": ["model.region_features=pooled"]},
+    "ran_pooled_eqtime": {"overrides": ["model.region_features=pooled"], "epochs_given": True},
 }
 # The default size: the RB-loss question and the baseline at about RAN's compute, ~31 min on 2
 # quiet cores (whole face ~55 s a run, RAN ~115 s, the 4x baseline ~170 s); every other variant

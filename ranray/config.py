@@ -92,6 +92,11 @@ class ModelConfig:
     region_mode: Literal["fixed", "landmark", "random"] = "fixed"
     num_regions: int = 6  # K, the whole face included
     crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
+    # How a region becomes features (ranray.models.ran.REGION_FEATURES): crops, the paper's (each box
+    # resampled from the image and run through the whole backbone: K backbone passes a face), or pooled
+    # (one backbone pass over the whole face, each box resampled from its last feature map, then the
+    # backbone's head per region: about the whole-face network's cost)
+    region_features: Literal["crops", "pooled"] = "crops"
     dropout: float = 0.0  # before the classifier
     # Dropout on the inputs of the two attention heads: the reference code's (0.5 there)
     attention_dropout: float = 0.0

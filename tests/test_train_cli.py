@@ -59,6 +59,14 @@ def test_missing_data_dir_is_refused_without_starting_ray(tmp_path):
     assert "Ray" not in out.stderr + out.stdout
 
 
+def test_a_pooled_region_under_one_feature_cell_is_refused_before_training(data_dir):
+    out = run_cli("train", f"data.dir={data_dir}", "model.backbone=iresnet_tiny", "model.num_classes=4",
+                  "model.input_size=64", "model.region_features=pooled", "model.crop_frac=0.2")
+    assert out.returncode == 2
+    assert "config key 'model.crop_frac'" in out.stderr and "crop_frac 0.25, model.input_size 80" in out.stderr
+    assert "Ray" not in out.stderr + out.stdout
+
+
 def test_dir_that_is_not_a_prepared_dataset(tmp_path):
     with pytest.raises(ConfigError, match="data.dir.*no manifest.json"):
         preflight(tiny_config(tmp_path, tmp_path, "x"))

@@ -103,8 +103,11 @@ class IResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn2(self.forward_features(x))
-        x = self.dropout(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """A last-stage map (N, feature_channels, S/16, S/16) -> the embedding (N, embedding_size) in float32."""
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
         # The embedding layers in float32 whatever the caller's autocast, as insightface does: a bf16
         # embedding would round every face-recognition feature to 8 bits of mantissa.
         with torch.autocast(x.device.type, enabled=False):

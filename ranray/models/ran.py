@@ -20,12 +20,25 @@ Boxes are normalised (x0, y0, x1, y1) in [0, 1] of the image. Region modes live 
   uniform position inside the image; in eval mode the fixed boxes, so K <= 6. With the RB loss it
   trained to chance in the occlusion study (docs/OCCLUSION.md); training warns about it.
 
+Region features live in REGION_FEATURES (model.region_features):
+
+- crops (the paper's): every box is resampled from the image to the backbone's input size and all
+  B*K crops go through the whole backbone in one call: K backbone passes a face.
+- pooled: the whole face goes through the backbone's stages once; every box is resampled (bilinear,
+  one sample at each output cell's centre: RoIAlign with one sample a bin) from the last stage's map to
+  that map's own size, and the backbone's head (BN, flatten, fc, BN) turns each into a region feature.
+  The whole-face box reads the map back unchanged, so region 0 is exactly the whole-face network's
+  feature; a face costs one backbone pass plus K heads. Region features from a shared feature map are
+  pACNN / gACNN's way (Li et al., IEEE TIP 2019); unlike crops, a region's cells have seen the whole face
+  through their receptive fields (docs/REPRODUCE.md).
+
 Batch folding changes one thing against the reference code's loop over regions: in training mode
 the backbone's BatchNorm sees statistics over all B*K crops together instead of per region.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -54,6 +67,7 @@ class RANOutput(NamedTuple):
 class RegionMode:
     boxes: Callable[["RegionAttentionNetwork", torch.Tensor, torch.Tensor | None], torch.Tensor]
     max_regions: int  # K, whole face included
+    smallest_side: Callable[[float], float]  # crop_frac -> the smallest box side it can draw
 
 
 def fixed_layout(crop_frac: float) -> torch.Tensor:
@@ -117,15 +131,18 @@ def _random_boxes(net: "RegionAttentionNetwork", images: torch.Tensor,
         return _fixed_boxes(net, images, landmarks)
     b, k = images.shape[0], net.cfg.num_regions - 1
     u = torch.rand(b, k, 3, device=images.device)
-    side = (net.cfg.crop_frac * (0.8 + 0.4 * u[..., 0])).clamp(max=1.0)
+    side = (net.cfg.crop_frac * (RANDOM_SIDE_MIN + 0.4 * u[..., 0])).clamp(max=1.0)
     lo = u[..., 1:] * (1.0 - side[..., None])
     return torch.cat([lo, lo + side[..., None]], dim=-1)
 
 
+RANDOM_SIDE_MIN = 0.8  # a random box's side is crop_frac * U(RANDOM_SIDE_MIN, 1.2)
+
 REGION_MODES: dict[str, RegionMode] = {
-    "fixed": RegionMode(_fixed_boxes, max_regions=1 + 5),
-    "landmark": RegionMode(_landmark_boxes, max_regions=1 + len(LANDMARK_GROUPS)),
-    "random": RegionMode(_random_boxes, max_regions=1 + 5),  # eval falls back to the fixed boxes
+    "fixed": RegionMode(_fixed_boxes, max_regions=1 + 5, smallest_side=lambda c: min(c, 0.85)),
+    "landmark": RegionMode(_landmark_boxes, max_regions=1 + len(LANDMARK_GROUPS), smallest_side=lambda c: c),
+    # eval falls back to the fixed boxes
+    "random": RegionMode(_random_boxes, max_regions=1 + 5, smallest_side=lambda c: RANDOM_SIDE_MIN * c),
 }
 
 
@@ -144,6 +161,59 @@ def crop_regions(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
     grid = (grid * 2.0 - 1.0).reshape(b, k * size, size, 2)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.view(b, images.shape[1], k, size, size).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Region features: boxes (B, K, 4) -> features (B, K, d)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionFeatures:
+    features: Callable[["RegionAttentionNetwork", torch.Tensor, torch.Tensor], torch.Tensor]
+    code: int  # what a state_dict records (the `region_features` buffer); never reuse a retired code
+
+
+def _crop_features(net: "RegionAttentionNetwork", images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(images.device.type, enabled=False):
+        crops = crop_regions(images.float(), boxes, net.cfg.input_size)
+    b, k = crops.shape[:2]
+    return net.backbone(crops.flatten(0, 1)).view(b, k, -1)
+
+
+def _pooled_features(net: "RegionAttentionNetwork", images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    b, k = boxes.shape[:2]
+    with torch.autocast(images.device.type, enabled=False):
+        face = crop_regions(images.float(), net.whole_face_box.expand(b, 1, 4), net.cfg.input_size)[:, 0]
+    fmap = net.backbone.forward_features(face)
+    with torch.autocast(images.device.type, enabled=False):
+        cells = crop_regions(fmap.float(), boxes, fmap.shape[-1])  # each box at the map's own size
+    return net.backbone.forward_head(cells.flatten(0, 1)).view(b, k, -1)
+
+
+REGION_FEATURES: dict[str, RegionFeatures] = {
+    "crops": RegionFeatures(_crop_features, code=0),
+    "pooled": RegionFeatures(_pooled_features, code=1),
+}
+FEATURE_STRIDE = 16  # image pixels per cell of an iResNet's last map
+
+
+def check_pooled_boxes(cfg: ModelConfig) -> None:
+    """pooled: every box must cover at least one cell of the last feature map (input_size / 16 a side)."""
+    cells = cfg.input_size // FEATURE_STRIDE
+    smallest_side = REGION_MODES[cfg.region_mode].smallest_side
+    side = smallest_side(cfg.crop_frac)
+    if side * cells >= 1.0:
+        return
+    # Rounded up to 3 decimals, so that the figure given works; None where no crop_frac does.
+    frac = math.ceil(1000 * cfg.crop_frac / (side * cells)) / 1000
+    frac_fix = f"crop_frac {frac:g}, " if frac <= 1.0 and smallest_side(frac) * cells >= 1.0 else ""
+    size_fix = FEATURE_STRIDE * math.ceil(1.0 / side)  # the input side whose map gives the box one cell
+    raise ConfigError(
+        f"config key 'model.crop_frac': with model.region_features=pooled every region is read from the "
+        f"backbone's last feature map ({cells}x{cells} cells at model.input_size {cfg.input_size}); region_mode "
+        f"'{cfg.region_mode}' at crop_frac {cfg.crop_frac:g} draws boxes {side * cells:.2f} cells wide, under one "
+        f"cell. The smallest sizes that work: {frac_fix}model.input_size {size_fix} (or model.region_features=crops)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +243,9 @@ def check_regions(cfg: ModelConfig) -> None:
     if cfg.variant not in VARIANTS:
         raise ConfigError(f"config key 'model.variant': unknown variant '{cfg.variant}'; "
                           f"known: {', '.join(VARIANTS)}")
+    if cfg.region_features not in REGION_FEATURES:
+        raise ConfigError(f"config key 'model.region_features': unknown region_features '{cfg.region_features}'; "
+                          f"known: {', '.join(REGION_FEATURES)}")
     if not VARIANTS[cfg.variant].regions:
         check_model(cfg)
         return
@@ -184,6 +257,8 @@ def check_regions(cfg: ModelConfig) -> None:
         raise ConfigError(f"config key 'model.num_regions': region_mode '{cfg.region_mode}' supports num_regions "
                           f"in 2..{mode.max_regions} (whole face included), got {cfg.num_regions}")
     check_model(cfg)
+    if cfg.region_features == "pooled":
+        check_pooled_boxes(cfg)
 
 
 def _backbone(name: str, input_size: int) -> nn.Module:
@@ -210,6 +285,14 @@ class RegionAttentionNetwork(nn.Module):
         self.attention_dropout = nn.Dropout(cfg.attention_dropout)
         self.classifier = nn.Linear(2 * d if relation else d, cfg.num_classes)
         self.region_mode = REGION_MODES[cfg.region_mode]
+        self.region_features = REGION_FEATURES[cfg.region_features]
+        if cfg.region_features == "pooled" and not all(
+                hasattr(self.backbone, m) for m in ("forward_features", "forward_head")):
+            raise ValueError(f"model.region_features=pooled needs a backbone with forward_features and forward_head "
+                             f"(an iResNet); {type(self.backbone).__name__} has not both")
+        # Persistent: every state_dict says how its regions became features, so that weights trained one
+        # way are refused by a model built the other (the two share every parameter name and shape).
+        self.register_buffer("region_features_code", torch.tensor(self.region_features.code))
         # Non-persistent: derived from the config, so checkpoints stay plain weights; buffers so
         # that they follow .to(device) and no step copies boxes from the host.
         self.register_buffer("fixed_boxes", fixed_layout(cfg.crop_frac), persistent=False)
@@ -268,11 +351,25 @@ class RegionAttentionNetwork(nn.Module):
             return self.classifier(self.dropout(p.float()))
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> RANOutput:
-        crops = self.regions(images, landmarks)
-        b, k = crops.shape[:2]
-        feats = self.backbone(crops.flatten(0, 1)).view(b, k, -1)
+        self._check_inputs(images, landmarks)
+        feats = self.region_features.features(self, images, self.region_boxes(images, landmarks))
         mu, nu, p = self.attend(feats)
         return RANOutput(self.classify(p), mu, nu, p)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "region_features_code"
+        # Weights from before region_features existed were all trained on crops.
+        saved = int(state_dict.setdefault(key, torch.tensor(REGION_FEATURES["crops"].code)))
+        if saved != self.region_features.code:
+            names = {f.code: name for name, f in REGION_FEATURES.items()}
+            raise ValueError(
+                f"these weights were trained with model.region_features={names.get(saved, f'<code {saved}>')} and "
+                f"this model is built with model.region_features={self.cfg.region_features}: the two modes share "
+                f"every parameter but not what the parameters mean; build the model with "
+                f"model.region_features={names.get(saved, '?')} (the weights' own config does)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _check_inputs(self, images: torch.Tensor, landmarks: torch.Tensor | None) -> None:
         if images.dim() != 4:
