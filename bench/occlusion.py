@@ -35,8 +35,9 @@ collapsed onto one region), and whether attention follows occlusion (ranray.trai
 each region of clean test faces, read its mu again).
 
 Every finished run is appended to <workdir>/runs.jsonl with its identity (variant, seed, epochs, job,
-data, overrides): a rerun with the same --workdir skips the runs already there, and --table-only
-prints the table of those that match the command line.
+data, overrides, and a digest of the config the variant resolves to, so that a row made before the
+job file changed is not taken for the job of today): a rerun with the same --workdir skips the runs
+already there, and --table-only prints the table of those that match the command line.
 
 Tables: mean +- std over seeds, gaps to the whole-face baseline paired by seed (mean +- std of the
 per-seed differences). Synthetic: clean / occluded / pose>30 accuracy, the mu change, and "meets"
@@ -108,13 +109,15 @@ class Size:
 
 # Variant -> the job's overrides; "epochs_x" scales the study's epochs (the baseline at equal compute),
 # "epochs_given": the epochs must come from --variant-epochs.
+# The whole face is one crop whatever the job's region features: one config (and so one row) for the baseline.
+WHOLE_FACE = ["model.variant=whole_face", "model.region_features=crops"]
 VARIANTS: dict[str, dict] = {
-    "whole_face": {"overrides": ["model.variant=whole_face"]},
+    "whole_face": {"overrides": WHOLE_FACE},
     "ran": {"overrides": []},
     "ran_sigmoid": {"overrides": ["loss.rb_space=sigmoid"]},
     "no_rb_loss": {"overrides": ["model.variant=no_rb_loss"]},
-    "whole_face_4x": {"overrides": ["model.variant=whole_face"], "epochs_x": 4},
-    EQTIME: {"overrides": ["model.variant=whole_face"], "epochs_given": True},  # at RAN's training time
+    "whole_face_4x": {"overrides": WHOLE_FACE, "epochs_x": 4},
+    EQTIME: {"overrides": WHOLE_FACE, "epochs_given": True},  # at RAN's training time
     "ran_4x": {"overrides": [], "epochs_x": 4},  # does RAN catch up given the baseline's longer run?
     "no_relation": {"overrides": ["model.variant=no_relation"]},
     "ran_margin_0.02": {"overrides": ["loss.rb_margin=0.02"]},
@@ -125,7 +128,7 @@ VARIANTS: dict[str, dict] = {
     "ran_random_no_rb_loss": {"overrides": ["model.region_mode=random", "model.variant=no_rb_loss"]},
     "ran_k4": {"overrides": ["model.num_regions=4"]},
     "ran_no_erase": {"overrides": ["data.augment.erase_prob=0"]},
-    "whole_face_no_erase": {"overrides": ["model.variant=whole_face", "data.augment.erase_prob=0"]},
+    "whole_face_no_erase": {"overrides": [*WHOLE_FACE, "data.augment.erase_prob=0"]},
     # Against the attention's collapse onto one region (docs/REAL_FACES.md)
     "ran_region_dropout": {"overrides": ["model.region_dropout=0.5"]},
     "ran_attention_dropout": {"overrides": ["model.attention_dropout=0.5"]},
@@ -133,6 +136,7 @@ VARIANTS: dict[str, dict] = {
     "ran_share_entropy": {"overrides": ["loss.share_entropy=0.1"]},
     # Region features from one backbone pass (model.region_features=pooled): at equal epochs, and given
     # the crops' training time (--variant-epochs ran_pooled_eqtime=N)
+    "ran_crops": {"overrides": ["model.region_features=crops"]},  # the paper's regions, whatever the job says
     "ran_pooled": {"overrides": ["model.region_features=pooled"]},
     "ran_pooled_eqtime": {"overrides": ["model.region_features=pooled"], "epochs_given": True},
 }
@@ -171,11 +175,21 @@ class Study:
 
     def identity(self, variant: str, seed: int) -> dict:
         return {"variant": variant, "seed": seed, "epochs": self.epochs[variant], "job": self.job,
-                "data": self.data, "overrides": list(self.overrides)}
+                "data": self.data, "overrides": list(self.overrides), "config": self.config_digest(variant)}
+
+    def config_digest(self, variant: str) -> str:
+        """What the variant trains, whatever the job file says today: its resolved config less what the
+        study sets per run. An edit of the job (a new default) thus never passes an old row off as new."""
+        cfg = asdict(load_config(TrainConfig, self.job_path, [*VARIANTS[variant]["overrides"], *self.overrides]))
+        cfg.pop("epochs")  # in the identity already, as the study's
+        for section, key in (("run", "name"), ("run", "storage_path"), ("run", "seed"), ("data", "dir")):
+            cfg[section].pop(key)
+        return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self, variant: str, seed: int) -> str:
         # Unique per identity: Ray refuses to start a finished run's name again.
-        digest = hashlib.sha1(json.dumps([self.job, self.data, self.overrides]).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(json.dumps([self.job, self.data, self.overrides, self.config_digest(variant)]
+                                         ).encode()).hexdigest()[:8]
         return f"{variant}-e{self.epochs[variant]}-s{seed}-{digest}"
 
     def config(self, variant: str, seed: int, data_dir: Path, workdir: Path) -> TrainConfig:
@@ -519,8 +533,9 @@ def baseline_summary(runs: dict[tuple[str, int], dict], size_name: str, size: Si
         got = rows_of(runs, v)
         return {k: round(statistics.fmean(r[k] for r in got), 4) for k in ("clean", "occluded")} | {"seeds": len(got)}
 
+    region_features = load_config(TrainConfig, study.job_path, VARIANTS[DEMO_VARIANT]["overrides"]).model.region_features
     out = {"size": size_name, "train_faces": size.train, "epochs": study.epochs[BASELINE], "test_faces": size.test,
-           "date": time.strftime("%Y-%m-%d"), "job": study.job}
+           "date": time.strftime("%Y-%m-%d"), "job": study.job, "region_features": region_features}
     for v in (BASELINE, DEMO_VARIANT):
         if rows_of(runs, v):
             out[v] = stats(v)

@@ -94,7 +94,8 @@ def occlusion_study_line() -> str:
     try:
         b = json.loads(OCCLUSION_STUDY.read_text())
         return (f" (occlusion study, {b['size']} size, {b['whole_face']['seeds']} seeds on its own faces: "
-                f"whole-face baseline {b['whole_face']['occluded']:.3f}, RAN {b['ran']['occluded']:.3f}; "
+                f"whole-face baseline {b['whole_face']['occluded']:.3f}, "
+                f"RAN ({b.get('region_features', 'crops')} regions) {b['ran']['occluded']:.3f}; "
                 "docs/OCCLUSION.md)")
     except (OSError, ValueError, KeyError):
         return ""
