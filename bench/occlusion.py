@@ -579,23 +579,13 @@ def cpu_line() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def upgrade_legacy(row: dict) -> dict:
-    """A row written before runs carried their identity: the demo job, no overrides, the default
-    occlusion, and "epochs" the size's (not yet multiplied by the variant's epochs_x)."""
-    if "job" in row:
-        return row
-    size = next((s for s in SIZES.values() if s.train == row.get("train")), None)
-    data = synthetic_label(size, *DEFAULT_OCCLUSION) if size else f"synthetic: {row.get('train')} train faces"
-    return row | {"job": repo_label(DEMO_JOB), "data": data, "overrides": [],
-                  "epochs": row["epochs"] * VARIANTS.get(row["variant"], {}).get("epochs_x", 1)}
-
-
 def load_runs(path: Path, study: Study) -> dict[tuple[str, int], dict]:
-    """The rows of this study's runs, by (variant, seed); a later row of the same run wins."""
+    """The rows of this study's runs, by (variant, seed); a later row of the same run wins. A row without
+    the config digest (written before rows carried it) cannot say what it trained and belongs to no study."""
     if not path.is_file():
         return {}
     runs = {}
-    for row in (upgrade_legacy(json.loads(line)) for line in path.read_text().splitlines() if line.strip()):
+    for row in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
         key = (row["variant"], row["seed"])
         if row["variant"] in study.epochs and row["seed"] < study.seeds and all(
                 row.get(k) == v for k, v in study.identity(*key).items()):

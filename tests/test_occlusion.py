@@ -203,12 +203,23 @@ def test_study_epochs_per_variant_and_refused_overrides(study):
         epochs("epochs=3")
     with pytest.raises(SystemExit, match="not NAME=N"):
         epochs("--variant-epochs", "whole_face_eqtime=0")
-    # A row written before rows carried their identity still belongs to the default study.
-    args = study.parse_args([])
+
+
+def test_a_row_belongs_to_the_study_whose_config_it_trained(study, tmp_path):
+    """Rows are matched by the config their variant resolves to: a row made before the job file changed
+    (another digest), or before rows carried a digest, is not taken for today's job."""
+    args = study.parse_args(["--variants", "ran,ran_crops,ran_pooled"])
     default = study.build_study(args, study.resolve_size(args))
-    legacy = {"variant": "whole_face_4x", "seed": 1, "epochs": 4, "train": 800, "clean": 0.9}
-    assert study.upgrade_legacy(legacy) | {"clean": 0.9} == study.upgrade_legacy(legacy)
-    assert all(study.upgrade_legacy(legacy)[k] == v for k, v in default.identity("whole_face_4x", 1).items())
+    current = default.identity("ran_pooled", 1) | {"clean": 0.9}
+    stale = default.identity("ran", 0) | {"config": "0123456789ab", "clean": 0.5}
+    legacy = {"variant": "whole_face", "seed": 0, "epochs": 4, "train": 800, "clean": 0.8}
+    log = tmp_path / "runs.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (current, stale, legacy)))
+    assert study.load_runs(log, default) == {("ran_pooled", 1): current}
+    # The variant's overrides are part of its config: ran_crops and ran_pooled differ, ran (the job as it is)
+    # is one of the two.
+    digests = {v: default.config_digest(v) for v in ("ran", "ran_crops", "ran_pooled")}
+    assert digests["ran_crops"] != digests["ran_pooled"] and digests["ran"] in (digests["ran_crops"], digests["ran_pooled"])
 
 
 def run_study(study, tmp_path, data_dir, *extra):
