@@ -23,7 +23,8 @@ from ranray.tracking import find_runs, list_artifacts, metric_history, read_loca
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 from ranray.train.evaluate import evaluate, load_trained_model
 from ranray.train.finetune import FineTune
-from ranray.train.launch import build_trainer, run_training
+from ranray.train.launch import run_training
+from ranray.train.ray_train import build_trainer
 from ranray.train.optim import lr_factor
 
 STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)  # 2 workers, batch 8, drop_last
