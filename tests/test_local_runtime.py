@@ -8,6 +8,7 @@ The comparison with a Ray run's directory and exported model is in test_finetune
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,15 @@ def test_the_exported_model_loads_and_classifies(plain):
     assert out.logits.shape == (2, NUM_CLASSES)
 
 
+def test_the_local_bar_is_drawn_in_this_process(data_dir, tmp_path, capfd):
+    cfg = local_config(data_dir, tmp_path, "bar", "epochs=1", "checkpoint.every_n_steps=0", "run.progress=off",
+                       hooks=("ranray.train.progress:forced",))
+    assert run_training(cfg, runtime="local").metrics["step"] == STEPS_PER_EPOCH
+    err = capfd.readouterr().err
+    final = rf"epoch 1/1 loss \d+\.\d+ \d+ img/s: 100%\|[^|]*\| {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} "
+    assert re.search(final, err), err[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume after an interruption
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +122,26 @@ def test_a_killed_local_run_resumes_from_its_checkpoint_and_trains_each_step_onc
     final, reference = load_checkpoint(resumed.final_model), load_checkpoint(plain.final_model)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[key], reference[key]) for key in reference)  # bit for bit
+
+
+def test_a_local_rerun_skips_a_truncated_newest_checkpoint_and_an_unfinished_one(plain, data_dir, storage):
+    """Killed after step 5 (checkpoints 2 and 4); then step 4's state is cut short and an unfinished
+    checkpoint folder is left behind, as a kill while writing would: the rerun resumes from step 2."""
+    cfg = local_config(data_dir, storage, "truncated", hooks=("step_hooks:fail_at_step_5",))
+    with pytest.raises(RuntimeError, match="fails after step 5"):
+        run_training(cfg, runtime="local")
+    run_dir = storage / "truncated"
+    newest = run_dir / f"checkpoint_{4:08d}_g00" / STATE_FILE
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+    unfinished = run_dir / f".checkpoint_{6:08d}_g00.partial"
+    unfinished.mkdir()
+    (unfinished / STATE_FILE).write_bytes(b"half")
+    resumed = run_training(cfg, runtime="local")
+    assert resumed.metrics["step"] == TOTAL_STEPS and not unfinished.exists()
+    starts = [line for line in steps_log(run_dir).read_text().splitlines() if line.startswith("start")]
+    assert starts == ["start 0 0", "start 1 2"]
+    assert committed_steps(steps_log(run_dir)) == committed_steps(steps_log(plain.run_dir))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ class LocalRuntime:
         return net.to(self.device)  # one worker: nothing to make data-parallel
 
     def resume_state(self) -> dict[str, Any] | None:
+        for partial in self.run_dir.glob(f".{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}"):
+            shutil.rmtree(partial)  # a checkpoint a killed run did not finish writing: never committed
         candidates = self.checkpoints()
         if not candidates:
             return None
@@ -91,9 +93,7 @@ class LocalRuntime:
         return sorted(str(p) for p in self.run_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
     def prune(self) -> None:
-        """Keep the newest checkpoint.keep checkpoints (0 keeps all), as Ray's num_to_keep does."""
-        if self.keep <= 0:
-            return
+        """Keep the newest checkpoint.keep (>= 1) checkpoints, as Ray's num_to_keep does."""
         for path in self.checkpoints()[:-self.keep]:
             shutil.rmtree(path, ignore_errors=True)
 
