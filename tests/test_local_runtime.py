@@ -160,6 +160,12 @@ def test_local_refuses_more_than_one_worker_by_key_before_any_work(data_dir, tmp
     assert not (tmp_path / "many").exists()  # nothing was written
 
 
+def test_local_refuses_object_store_storage_by_key(data_dir, tmp_path):
+    cfg = local_config(data_dir, tmp_path, "s3", "run.storage_path=s3://bucket/runs")
+    with pytest.raises(ConfigError, match="config key 'run.storage_path' is 's3://bucket/runs' but --local"):
+        run_training(cfg, runtime="local")
+
+
 def test_local_refuses_dali_where_it_cannot_be_imported(data_dir, tmp_path, monkeypatch, capsys):
     import ranray.train.local as local
 

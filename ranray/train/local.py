@@ -4,7 +4,8 @@ For stepping through training in a debugger, for tests of the loop without Ray, 
 with torch but no Ray (`ranray train --local`, `ranray pretrain --local`). The run directory, its
 checkpoints, metrics and exported models are those of a Ray run; what differs:
 
-- one worker: scaling.num_workers must be 1 (refused otherwise, naming the key, before any work);
+- one worker: scaling.num_workers must be 1 (refused otherwise, naming the key, before any work),
+  and run.storage_path a local (or mounted) folder, not a URI;
 - a checkpoint is committed by renaming its finished folder into place (`checkpoint_*` in the run
   directory, written as `.checkpoint_*.partial` first), so a folder with the name is complete;
   the newest `checkpoint.keep` stay. A re-run with the same run name resumes from the newest that
@@ -31,7 +32,7 @@ from torch import nn
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig
 from ranray.train.failures import log_to_stdout
-from ranray.train.jobs import JOBS, run_dir_for, worker_config
+from ranray.train.jobs import JOBS, is_uri, run_dir_for, worker_config
 from ranray.train.resume import CHECKPOINT_PREFIX, pick_good_checkpoint, read_rank_file, read_resume_state
 from ranray.train.runtime import Fitted, import_object
 
@@ -113,6 +114,9 @@ class LocalLauncher:
         if s.num_workers > 1:
             raise ConfigError(f"config key 'scaling.num_workers' is {s.num_workers} but --local runs one worker; "
                               "set scaling.num_workers=1")
+        if is_uri(cfg.run.storage_path):
+            raise ConfigError(f"config key 'run.storage_path' is {cfg.run.storage_path!r} but --local keeps its "
+                              "checkpoints in a local folder; give a local path (or a mounted one)")
         if cfg.data.loader == "dali" and not dali_importable():
             raise ConfigError("config key 'data.loader' is 'dali' but NVIDIA DALI (nvidia.dali) cannot be imported "
                               "here; set data.loader=torch")
