@@ -19,7 +19,6 @@ Imports no Ray, MLflow, DALI or dlib (ranray.journal keeps the tracking records 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -36,12 +35,12 @@ from ranray.train.jobs import JOBS, is_uri, run_dir_for, worker_config
 from ranray.train.resume import CHECKPOINT_PREFIX, pick_good_checkpoint, read_rank_file, read_resume_state
 from ranray.train.runtime import Fitted, import_object
 
-log = logging.getLogger("ranray.train")
-
 PARTIAL_SUFFIX = ".partial"
 
 
 class LocalRuntime:
+    """The one worker of a local run (ranray.train.runtime.Runtime)."""
+
     rank = 0
     world_size = 1
 
@@ -73,11 +72,10 @@ class LocalRuntime:
     def report(self, metrics: dict[str, Any], name: str, write: Callable[[Path], None]) -> None:
         final = self.run_dir / name
         partial = self.run_dir / f".{name}{PARTIAL_SUFFIX}"
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
         partial.mkdir(parents=True)
         write(partial)
         if final.exists():
-            shutil.rmtree(final)  # a step redone under the same name: the new files win
+            shutil.rmtree(final)  # a step redone under the same name (after a fallback resume): the new files win
         os.replace(partial, final)  # the commit: a checkpoint folder is complete or absent
         self.last_metrics, self.last_checkpoint = dict(metrics), str(final)
         self.prune()
@@ -104,6 +102,8 @@ def open_folder(path: str) -> Any:
 
 
 class LocalLauncher:
+    """The driver's side of a local run (ranray.train.runtime.Launcher): the worker runs inside fit."""
+
     name = "local"
 
     def check(self, cfg: TrainConfig | PretrainConfig) -> None:

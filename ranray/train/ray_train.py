@@ -53,6 +53,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 class RayTrainRuntime:
+    """One worker of a TorchTrainer's group (ranray.train.runtime.Runtime)."""
+
     def __init__(self) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -129,6 +131,8 @@ def wait_until_committed(name: str, timeout_s: float = 300.0, poll_s: float = 0.
 
 
 class RayLauncher:
+    """The driver's side (ranray.train.runtime.Launcher): Ray joined or started, a TorchTrainer fit."""
+
     name = "ray"
 
     def check(self, cfg: TrainConfig | PretrainConfig) -> None:
