@@ -9,10 +9,10 @@ the restart goes back to the checkpoint before (to step 0 if there was none): me
 CPU, a node lost right after the first report restarted from 0.
 
 So after each checkpointed report every rank waits until the snapshot lists it
-(ranray.train.ray_train.wait_until_committed). Then a failure
-loses at most one checkpoint interval: the steps since the last report, never a report in flight.
-The wait costs one controller poll per checkpoint. (The local runtime commits a checkpoint by
-renaming its folder into place: ranray.train.local.)
+(ranray.train.ray_train.wait_until_committed). Then a failure loses at most one checkpoint
+interval: the steps since the last report, never a report in flight. The wait costs one
+controller poll per checkpoint. (The local runtime commits a checkpoint by renaming its folder
+into place: ranray.train.local.)
 
 This module reads the snapshot only; it imports no Ray.
 """
