@@ -15,11 +15,12 @@ artifacts go to the run directory's `metrics.jsonl` (ranray.train.run_dir names 
 Those records are pushed to the store afterwards, by `sync_run_dir` (`ranray track sync RUN_DIR`),
 and automatically when the run's owner ends it and the store answers again. A replay is
 idempotent (metrics keep their original timestamps), so a sync that fails part-way can be repeated.
+The records' files, and the tracker of a process where mlflow is not installed, are
+ranray.journal's (no MLflow there); training gets its tracker from journal.open_tracker.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -42,13 +43,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
                                      MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
 
+from ranray.journal import (STATUSES, append_record, read_local_log, read_run_record,  # noqa: F401
+                            resolve_tracking_uri, write_run_record)
 from ranray.train.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 TIMESTAMP_KEY = "__timestamp_ms"  # a local metrics record's MLflow timestamp, so a replay is idempotent
-STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 # After this many failed calls in a row the tracker stops trying, so a dead server costs a
 # bounded stall (each call retries MLFLOW_HTTP_REQUEST_MAX_RETRIES times) instead of one per step.
@@ -61,14 +63,6 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
-
-
-def resolve_tracking_uri(uri: str, run_dir: str | os.PathLike) -> str:
-    """config.uri, else MLFLOW_TRACKING_URI, else a sqlite store in the run directory."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri
-    return "sqlite:///" + RunDir(Path(run_dir).resolve()).mlflow_db.as_posix()
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
@@ -168,6 +162,14 @@ class Tracker:
             log.info("%s; push them later with `ranray track sync %s`", exc, self.run_dir.root)
             return
         log.info("pushed %s", report.line())
+
+    def log_model(self, best: str | os.PathLike, cfg: Any) -> str | None:
+        """The exported model `best` as this run's MLflow pyfunc, registered under
+        cfg.tracking.register_model when set (ranray.model_store); returns the version."""
+        # The pyfunc's module is loaded by the run that logs one, not by every user of a tracker.
+        from ranray.model_store import log_best_model
+
+        return log_best_model(self, best, cfg)
 
     def register_model(self, name: str, artifact_path: str) -> str | None:
         """Register the run's artifact folder `artifact_path` (an MLflow model) as a new version of
@@ -350,19 +352,14 @@ class Tracker:
             log.warning("%s; training goes on, params and metrics go to %s", reason, self.local_log)
 
     def _write_local(self, kind: str, data: Mapping[str, Any], step: int | None = None) -> None:
-        record = {"time": time.time(), "run_id": self.run_id, "kind": kind, "step": step, "data": data}
-        try:
-            with open(self.local_log, "a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-        except OSError as exc:  # the last resort failing must still not stop training
-            log.warning("could not write %s: %s", self.local_log, exc)
+        append_record(self.local_log, self.run_id, kind, data, step)
 
     def _record_run(self, run_name: str) -> None:
-        _write_record(self.run_dir, {"run_id": self.run_id, "tracking_uri": self.tracking_uri,
+        write_run_record(self.run_dir, {"run_id": self.run_id, "tracking_uri": self.tracking_uri,
                                      "experiment": self.experiment, "run_name": run_name})
 
     def _recorded_run_id(self) -> str | None:
-        record = _read_record(self.run_dir)
+        record = read_run_record(self.run_dir)
         same_store = record.get("tracking_uri") == self.tracking_uri
         return record.get("run_id") if same_store else None
 
@@ -401,7 +398,7 @@ def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
     created now, in the experiment it was meant for, and tracking.json points at it.
     Raises SyncError, leaving the local file as it was, when the store fails."""
     rd = RunDir(run_dir)
-    recorded = _read_record(rd)
+    recorded = read_run_record(rd)
     uri = tracking_uri or recorded.get("tracking_uri") or resolve_tracking_uri("", rd)
     records = read_local_log(rd)
     report = SyncReport(uri, {}, {}, synced_log_path(rd))
@@ -423,7 +420,7 @@ def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
         raise SyncError(f"pushing {rd.offline_metrics} to {uri} failed: {exc!r}") from exc
     _archive_local_log(rd, report.synced_file, len(records))
     if recorded.get("run_id") in report.run_ids:
-        _write_record(rd, {**recorded, "tracking_uri": uri, "run_id": report.run_ids[recorded["run_id"]]})
+        write_run_record(rd, {**recorded, "tracking_uri": uri, "run_id": report.run_ids[recorded["run_id"]]})
     return report
 
 
@@ -523,23 +520,6 @@ def _archive_local_log(rd: RunDir, synced: Path, pushed: int) -> None:
     os.replace(tmp, local)
 
 
-def _read_record(rd: RunDir) -> dict[str, Any]:
-    try:
-        return json.loads(rd.tracking_record.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_record(rd: RunDir, record: dict[str, Any]) -> None:
-    final = rd.tracking_record
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, final)
-    except OSError as exc:
-        log.warning("could not record the run id in %s: %s", rd, exc)
-
-
 def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> str:
     try:
         client.create_registered_model(name)
@@ -592,14 +572,6 @@ def log_run_artifacts(tracking_uri: str, run_id: str, paths: Iterable[str | os.P
     client = MlflowClient(tracking_uri=tracking_uri)
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_path)
-
-
-def read_local_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records a tracker kept locally while MLflow was unreachable."""
-    path = RunDir(run_dir).offline_metrics
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Shape of a search (Ray 2.60, Train V2):
     driver (this process)        Tuner: random search + ASHA; MLflow parent run; ends child runs
       trial (function, 0.01 CPU) opens the trial's MLflow child run and makes a TuneReportCallback
         fit task (0 CPU)         builds the TorchTrainer for the fine-tuning loop
-                                 (launch.build_trainer, run name derived from the trial id) and fits it
+                                 (ray_train.build_trainer, run name derived from the trial id) and fits it
           Train workers          finetune.train_func_per_worker: one report per epoch, which the
                                  callback hands to Tune (ASHA reads val_accuracy and epoch)
 
@@ -38,7 +38,9 @@ from ranray.config import (ConfigError, SearchSpaceConfig, TrackingConfig, Train
                            from_dict, load_config, save_config, to_dict)
 from ranray.ray_runtime import ensure_ray
 from ranray.tracking import Tracker, resolve_tracking_uri
-from ranray.train.launch import build_trainer, fit_or_explain, preflight, run_dir_for
+from ranray.train.jobs import run_dir_for
+from ranray.train.launch import preflight
+from ranray.train.ray_train import build_trainer, fit_or_explain
 from ranray.train.run_dir import RunDir
 
 log = logging.getLogger("ranray.tune")

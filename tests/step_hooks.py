@@ -122,6 +122,10 @@ def fail_at_step_3() -> FailOnce:
     return FailOnce(3)
 
 
+def fail_at_step_5() -> FailOnce:
+    return FailOnce(5)
+
+
 def fail_at_step_5_on_rank_1() -> FailOnce:
     return FailOnce(5, rank=1)
 

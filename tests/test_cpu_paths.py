@@ -1,6 +1,7 @@
 """The shipped jobs on this CPU and on the other kind (ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512
 machine take a plain AVX2 machine's kernels): every job in jobs/ resolves to settings that train
-without crashing, and the demo's own config runs real training steps.
+without crashing, and the demo's own config runs real training steps (through the local runtime,
+and through Ray Train workers).
 
 A native crash kills the process it happens in, so every payload runs in a child process and a
 death by signal fails the test with the signal's name, not pytest with it.
@@ -20,43 +21,17 @@ from train_fixtures import NUM_CLASSES, learnable_dataset
 
 from ranray.config import PretrainConfig, TrainConfig, load_config
 from ranray.hardware import CpuInfo, HardwareError, cpu_info
+from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "demo.yaml"
 CPU = torch.device("cpu")
 ISA_PATHS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
-# One training step of the demo's model with the settings the worker resolves for this CPU: the
-# kernels (convolutions forward and backward in the chosen precision and memory format) are the
-# ones that crashed.
-STEP = r"""
-import sys, torch
-from ranray.config import TrainConfig, load_config
-from ranray.models import build_ran, expression_loss, region_biased_loss
-from ranray.train.engine import resolve_device_settings
-from ranray.train.optim import OPTIMIZERS, PRECISIONS
 
-torch.set_num_threads(1)
-cfg = load_config(TrainConfig, sys.argv[1], ["data.dir=unused"])
-device = torch.device("cpu")
-precision, channels_last = resolve_device_settings(cfg.precision, cfg.data.channels_last, device, rank=1)
-fmt = torch.channels_last if channels_last else torch.contiguous_format
-net = build_ran(cfg.model).to(memory_format=fmt).train()
-opt = OPTIMIZERS[cfg.optim.name](net.parameters(), cfg.optim)
-dtype = PRECISIONS[precision].dtype
-torch.manual_seed(0)
-images = torch.randn(cfg.batch_size, 3, 112, 112).contiguous(memory_format=fmt)
-labels = torch.randint(0, cfg.model.num_classes, (cfg.batch_size,))
-for _ in range(2):
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        out = net(images)
-    loss = expression_loss(out.logits, labels, None, "majority") + region_biased_loss(out.mu, cfg.loss.rb_margin)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss), loss
-print(f"ok {precision} channels_last={channels_last} loss={float(loss):.4f}")
-"""
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
 
 
 def run_child(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -68,12 +43,19 @@ def run_child(args: list[str], env: dict[str, str], timeout: float) -> subproces
 
 
 @pytest.mark.parametrize("isa", sorted(ISA_PATHS))
-def test_demo_config_trains_on_both_cpu_paths(isa):
-    done = run_child([sys.executable, "-c", STEP, str(DEMO)], ISA_PATHS[isa], timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("ok "), done.stdout
+def test_demo_config_trains_on_both_cpu_paths(isa, data_dir, tmp_path):
+    """Two steps of the demo's model through the engine on the local runtime (`ranray train --local`),
+    with the precision and memory format the engine resolves for this CPU: the kernels (convolutions
+    forward and backward in that precision and format) are the ones that crashed."""
+    done = run_child([sys.executable, "-m", "ranray.cli", "train", "--local", "--config", str(DEMO),
+                      f"data.dir={data_dir}", f"run.storage_path={tmp_path}", "run.name=steps",
+                      f"model.num_classes={NUM_CLASSES}", "scaling.num_workers=1", "epochs=1", "max_steps=2"],
+                     ISA_PATHS[isa], timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # a loss that is not finite fails
     expected = "bf16" if isa == "native" and cpu_info().native_bf16 else "fp32"
-    assert f"ok {expected} " in done.stdout
+    assert f"on cpu: precision {expected}, channels_last " in done.stdout
+    state = load_checkpoint(tmp_path / "steps" / f"checkpoint_{2:08d}_g00" / STATE_FILE)
+    assert state["step"] == 2 and state["config"]["precision"] == "auto"
 
 
 def test_shipped_demo_config_trains_through_ranray_train(ray_session, tmp_path):

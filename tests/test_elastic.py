@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, load_config, save_config
-from ranray.train.launch import build_trainer
+from ranray.train.ray_train import build_trainer
 
 
 @pytest.mark.parametrize("given, fixed, low, high", [

@@ -15,8 +15,8 @@ from ranray.train.run_dir import RunDir
 
 
 def engine(tmp_path) -> Engine:
-    return Engine(cfg=TrainConfig(), task=None, rank=1, world_size=2, device=torch.device("cpu"), run_name="t",
-                  run_dir=RunDir(tmp_path), precision=PRECISIONS["fp32"], channels_last=False, hooks=[])
+    return Engine(cfg=TrainConfig(), task=None, runtime=None, rank=1, world_size=2, device=torch.device("cpu"),
+                  run_name="t", run_dir=RunDir(tmp_path), precision=PRECISIONS["fp32"], channels_last=False, hooks=[])
 
 
 def step(e: Engine, loss: float) -> None:

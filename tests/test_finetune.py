@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
-from ranray.config import OptimConfig
+from ranray.config import OptimConfig, flatten
 from ranray.data.loader import build_loader
 from ranray.models import build_ran, share_concentration
 from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 from ranray.train.evaluate import evaluate, load_trained_model
 from ranray.train.finetune import FineTune
-from ranray.train.launch import build_trainer, run_training
+from ranray.train.launch import run_training
+from ranray.train.ray_train import build_trainer
 from ranray.train.optim import lr_factor
 
 STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)  # 2 workers, batch 8, drop_last
@@ -90,6 +93,36 @@ def test_checkpoints_exist_verify_and_load(baseline):
         assert trained.cfg.model.num_classes == NUM_CLASSES
     final = load_trained_model(baseline.final_model).net.state_dict()
     assert all(torch.equal(final[k], v) for k, v in state["model"].items())
+
+
+RAY_ONLY = {".validate_storage_marker", "checkpoint_manager_snapshot.json", "logs"}  # Ray Train's; workers' stderr
+OTHER_RANK = re.compile(r"rank[1-9][0-9]*\.")
+
+
+def run_layout(run_dir: Path) -> set[str]:
+    """The run directory's files as a layout: checkpoint folders as checkpoint_*, without Ray's own
+    files, other ranks' files and the MLflow store's insides (ids)."""
+    layout = set()
+    for path in run_dir.rglob("*"):
+        parts = path.relative_to(run_dir).parts
+        if parts[0] in RAY_ONLY or OTHER_RANK.match(parts[-1]) or (parts[0] == "mlartifacts" and len(parts) > 1):
+            continue
+        layout.add("/".join(("checkpoint_*" if p.startswith("checkpoint_") else p) for p in parts))
+    return layout
+
+
+def test_a_local_run_leaves_the_run_directory_and_exported_model_of_a_ray_run(baseline, data_dir, storage):
+    local = run_training(tiny_config(data_dir, storage, "local", "scaling.num_workers=1"), runtime="local")
+    assert run_layout(local.run_dir) == run_layout(baseline.run_dir)
+    assert local.artifacts.keys() == baseline.artifacts.keys()
+    for name in ("final", "best"):
+        ours, theirs = (load_checkpoint(r.run_dir / "model" / f"{name}.pt") for r in (local, baseline))
+        assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+        ours, theirs = (flatten(yaml.safe_load((r.run_dir / "model" / f"{name}.yaml").read_text()))
+                        for r in (local, baseline))
+        assert {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)} == {
+            "run.name", "scaling.num_workers"}
+    assert local.metrics.keys() == baseline.metrics.keys()
 
 
 def test_mlflow_has_params_metrics_and_pictures(baseline):

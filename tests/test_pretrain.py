@@ -119,6 +119,27 @@ def test_embedding_size_must_match_what_fine_tuning_rebuilds(faces, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# `ranray pretrain --local`: the pretraining task on the local runtime, in this process
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pretrain_local_runs_a_few_steps_in_this_process(faces, tmp_path, capsys):
+    overrides = _overrides(faces, tmp_path, **{"scaling.num_workers": 1, "epochs": 1, "max_steps": 3,
+                                               "checkpoint.every_n_steps": 2})
+    assert cli_main(["pretrain", "--local", "--config", str(JOB), *overrides]) == 0
+    assert "verification accuracy (last / best)" in capsys.readouterr().out
+    run_dir = RunDir(tmp_path / "pt")
+    assert sorted(p.name for p in run_dir.root.glob("checkpoint_*")) == ["checkpoint_00000002_g00",
+                                                                        "checkpoint_00000003_g00"]
+    state = load_checkpoint(run_dir / "checkpoint_00000003_g00" / "state.pt")
+    assert state["step"] == 3 and state["world_size"] == 1 and state["num_classes"] == 24
+    own = load_checkpoint(run_dir / "checkpoint_00000003_g00" / "rank0.pt")
+    assert own["partial_fc"]["weight"].shape == (24, 64)  # one rank holds every class centre
+    backbone = create_model("iresnet_tiny", num_features=64)
+    backbone.load_state_dict(load_checkpoint(run_dir.backbone))  # strict: the hand-over format
+
+
+# ---------------------------------------------------------------------------------------------
 # A real run: 2 workers, a fault at step 9, resume from step 8, 4 epochs
 # ---------------------------------------------------------------------------------------------
 

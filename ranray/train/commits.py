@@ -8,20 +8,20 @@ a resubmitted job resume from. A worker that dies in between takes its queued re
 the restart goes back to the checkpoint before (to step 0 if there was none): measured on a fast
 CPU, a node lost right after the first report restarted from 0.
 
-So after each checkpointed report every rank waits until the snapshot lists it. Then a failure
-loses at most one checkpoint interval: the steps since the last report, never a report in flight.
-The wait costs one controller poll per checkpoint.
+So after each checkpointed report every rank waits until the snapshot lists it
+(ranray.train.ray_train.wait_until_committed). Then a failure loses at most one checkpoint
+interval: the steps since the last report, never a report in flight. The wait costs one
+controller poll per checkpoint. (The local runtime commits a checkpoint by renaming its folder
+into place: ranray.train.local.)
+
+This module reads the snapshot only; it imports no Ray.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger("ranray.train")
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
@@ -44,23 +44,3 @@ def committed(run_dir: str | Path) -> list[dict[str, Any]]:
 def last_committed_step(run_dir: str | Path) -> int:
     """The step of the newest committed checkpoint: where a restart now would resume (0 if none)."""
     return max((int(r["metrics"].get("step", 0)) for r in committed(run_dir)), default=0)
-
-
-def wait_until_committed(name: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> bool:
-    """Block this worker until the controller lists checkpoint `name` in the run's snapshot."""
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    fs, path = storage.storage_filesystem, f"{storage.experiment_fs_path}/{SNAPSHOT}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with fs.open_input_stream(path) as f:
-                if any(r["checkpoint_dir_name"] == name for r in parse_snapshot(f.readall().decode())):
-                    return True
-        except (OSError, ValueError):
-            pass  # not written yet, or read mid-write
-        time.sleep(poll_s)
-    log.warning("checkpoint %s was not registered by Ray Train within %.0f s; training goes on, and a failure "
-                "now may lose more than one checkpoint interval", name, timeout_s)
-    return False

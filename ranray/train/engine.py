@@ -1,11 +1,13 @@
-"""The life of one Ray Train worker, written once; fine-tuning and pretraining are its tasks.
+"""The life of one training worker, written once; fine-tuning and pretraining are its tasks.
 
-`run_worker(task, cfg, config)` is what every worker of a TorchTrainer runs (launch.build_trainer):
+`run_worker(task, cfg, config, runtime)` is what every worker runs, on a runtime
+(ranray.train.runtime: Ray Train's worker group, or the local runtime in this process); the
+engine asks the runtime, never Ray, for its rank, world size, device, DDP, resume and reports:
 
-    stderr to RUN_DIR/logs/rank<r>.log, torch threads, seed
-    -> the resume state (resume.load_resume_state: the newest checkpoint that verifies)
+    the runtime's process set-up (Ray: stderr to RUN_DIR/logs/rank<r>.log), torch threads, seed
+    -> the resume state (runtime.resume_state: the newest checkpoint that verifies)
     -> precision and memory format for this device -> task.build: loaders, the bare model
-    -> the model in DDP (prepare_model), compiled when asked; optimizer, LR schedule, scaler;
+    -> the model made data-parallel (runtime.prepare_model), compiled when asked; optimizer, LR schedule, scaler;
        a resume restores those, the loader position, the loop state, RNG streams and running sums,
        on any worker count (ranray.train.elastic: the LR rule and the schedule's position)
     -> per epoch: steps (task.loss, then apply_gradients), a checkpointed report every
@@ -18,7 +20,7 @@ sends the window's metrics to MLflow without waiting for the store (MLflow's asy
 
 Exactness of a resume: a checkpoint holds everything that decides the next step, so a restarted
 group applies each step to the model exactly once: work after the last checkpoint is lost and
-redone, never doubled. Every rank calls `ray.train.report` the same number of times: the loaders
+redone, never doubled. Every rank reports (runtime.report) the same number of times: the loaders
 give every rank the same number of batches, and every decision to report depends only on the step
 and the epoch.
 
@@ -31,10 +33,8 @@ live there, not in the loop.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import random
-import tempfile
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -43,23 +43,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 from torch import nn
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, to_dict
 from ranray.hardware import resolve_channels_last, resolve_precision
-from ranray.tracking import Tracker
+from ranray.journal import open_tracker
 from ranray.train.checkpoint import STATE_FILE, capture_rng_state, restore_rng_state, save_checkpoint
 from ranray.train.collectives import all_reduce_sum
-from ranray.train.commits import wait_until_committed
 from ranray.train.elastic import (BATCH_RULE, align_schedules, check_resumable, lr_scale, resume_summary,
                                   schedule_step, start_record)
-from ranray.train.failures import worker_log
 from ranray.train.optim import OPTIMIZERS, PRECISIONS, Precision, lr_scheduler
-from ranray.train.resume import RANK_FILE, load_resume_state
+from ranray.train.resume import RANK_FILE
 from ranray.train.run_dir import RunDir
+from ranray.train.runtime import Runtime, import_object
 
 log = logging.getLogger("ranray.train")
 
@@ -129,7 +126,7 @@ class Hook:
         `e.since_log` holds this rank's steps read since the last call."""
 
     def on_report(self, e: Engine) -> None:
-        """After a checkpointed report at `e.state.step`, once Ray has registered it."""
+        """After a checkpointed report at `e.state.step`, once the runtime has committed it."""
 
     def on_exit(self, e: Engine) -> None:
         """When the worker's training function ends, whether it failed or not."""
@@ -143,9 +140,8 @@ def load_hooks(specs: Iterable[str]) -> list[Hook]:
     """`module:factory` import paths (run.hooks), each called without arguments."""
     hooks = []
     for spec in specs:
-        module, _, name = spec.partition(":")
         try:
-            hooks.append(getattr(importlib.import_module(module), name)())
+            hooks.append(import_object(spec)())
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"config key 'run.hooks': cannot load {spec!r} ({exc})") from exc
     return hooks
@@ -211,6 +207,7 @@ class DeviceWindow:
 class Engine:
     cfg: JobConfig
     task: Task
+    runtime: Runtime
     rank: int
     world_size: int
     device: torch.device
@@ -231,7 +228,7 @@ class Engine:
     sums: RankSums = field(default_factory=RankSums)  # the epoch so far
     since_log: RankSums = field(default_factory=RankSums)  # read, not yet logged
     window: DeviceWindow = field(default_factory=DeviceWindow)  # not yet read
-    tracker: Tracker | None = None
+    tracker: Any = None  # ranray.tracking.Tracker, or ranray.journal.JournalTracker without MLflow
     owns_run: bool = False  # rank 0 ends the MLflow run only if it started it
 
     @property
@@ -247,16 +244,13 @@ class Engine:
         return self.scheduler.get_last_lr()[0]
 
 
-def run_worker(task: Task, cfg: JobConfig, config: dict[str, Any]) -> None:
-    """The training function of every worker: `config` is launch.build_trainer's train_loop_config."""
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    run_dir = Path(config["run_dir"])
-    worker_log(run_dir, rank)
+def run_worker(task: Task, cfg: JobConfig, config: dict[str, Any], runtime: Runtime) -> None:
+    """The training function of every worker: `config` is ranray.train.jobs.worker_config's."""
+    runtime.setup_process(Path(config["run_dir"]))
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(cfg.run.seed + rank)
-    resume = load_resume_state(rank)
-    e = start(task, cfg, config, rank, world_size, resume)
+    seed_everything(cfg.run.seed + runtime.rank)
+    resume = runtime.resume_state()
+    e = start(task, cfg, config, runtime, resume)
     try:
         for hook in e.hooks:
             hook.on_start(e)
@@ -286,13 +280,13 @@ def resolve_device_settings(precision: str, channels_last: bool | str, device: t
     return name, nhwc
 
 
-def start(task: Task, cfg: JobConfig, config: dict[str, Any], rank: int, world_size: int,
+def start(task: Task, cfg: JobConfig, config: dict[str, Any], runtime: Runtime,
           resume: dict[str, Any] | None) -> Engine:
-    device = ray.train.torch.get_device()
+    rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
     precision, channels_last = resolve_device_settings(cfg.precision, cfg.data.channels_last, device, rank)
-    e = Engine(cfg=cfg, task=task, rank=rank, world_size=world_size, device=device, run_name=config["run_name"],
-               run_dir=RunDir(config["run_dir"]), precision=PRECISIONS[precision], channels_last=channels_last,
-               hooks=load_hooks([PROGRESS_HOOK, *cfg.run.hooks]))
+    e = Engine(cfg=cfg, task=task, runtime=runtime, rank=rank, world_size=world_size, device=device,
+               run_name=config["run_name"], run_dir=RunDir(config["run_dir"]), precision=PRECISIONS[precision],
+               channels_last=channels_last, hooks=load_hooks([PROGRESS_HOOK, *cfg.run.hooks]))
     built = task.build(e, resumed=resume is not None)
     e.train_loader, e.val_loader, net = built.train_loader, built.val_loader, built.net
     if resume:
@@ -300,7 +294,7 @@ def start(task: Task, cfg: JobConfig, config: dict[str, Any], rank: int, world_s
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     e.net = net
-    e.model = ray.train.torch.prepare_model(net)
+    e.model = runtime.prepare_model(net)
     if cfg.compile:
         e.model = torch.compile(e.model)
     e.optimizer = OPTIMIZERS[cfg.optim.name]([p for p in net.parameters() if p.requires_grad], cfg.optim)
@@ -476,17 +470,18 @@ def checkpoint_name(state: LoopState) -> str:
 
 
 def report(e: Engine, metrics: dict[str, Any]) -> None:
-    """ray.train.report with a checkpoint from every rank (rank 0 the model, each rank its own state).
+    """A report with a checkpoint from every rank (rank 0 the model, each rank its own state); it
+    returns once the runtime has committed the checkpoint, so a failure loses at most one interval.
     The window's loss must have been read: the running sums go into the checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="ranray-ckpt-") as tmp:
-        if e.is_chief:
-            save_checkpoint(chief_state(e), Path(tmp) / STATE_FILE)
-        save_checkpoint(rank_state(e), Path(tmp) / RANK_FILE.format(rank=e.rank))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_name(e.state))
-    wait_until_committed(checkpoint_name(e.state))  # a failure now loses at most one interval
+    e.runtime.report(metrics, checkpoint_name(e.state), lambda folder: write_checkpoint(e, folder))
     for hook in e.hooks:
         hook.on_report(e)
+
+
+def write_checkpoint(e: Engine, folder: Path) -> None:
+    if e.is_chief:
+        save_checkpoint(chief_state(e), folder / STATE_FILE)
+    save_checkpoint(rank_state(e), folder / RANK_FILE.format(rank=e.rank))
 
 
 def chief_state(e: Engine) -> dict[str, Any]:
@@ -543,7 +538,7 @@ def apply_resume_state(e: Engine, resume: dict[str, Any]) -> None:
 
 def open_tracking(e: Engine, config: dict[str, Any]) -> None:
     """Rank 0 logs into the driver's run if it was given one, else starts (or resumes) its own."""
-    e.tracker = Tracker(e.cfg.tracking, e.run_dir)
+    e.tracker = open_tracker(e.cfg.tracking, e.run_dir)
     run_id = config.get("tracking_run_id")
     if run_id:
         e.tracker.start(e.run_name, run_id=run_id)

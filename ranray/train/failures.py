@@ -53,6 +53,12 @@ def redirect_stderr(path: Path, role: str) -> Path:
         header = _HEADER.format(role=role, pid=os.getpid(), host=socket.gethostname(), when=time.strftime("%F %T"))
         f.write((header + "\n").encode())
         os.dup2(f.fileno(), 2)
+    log_to_stdout()
+    return path
+
+
+def log_to_stdout() -> None:
+    """ranray's log lines (INFO and up) to stdout, once per process."""
     logger = logging.getLogger("ranray")
     if not any(getattr(h, "ranray_stdout", False) for h in logger.handlers):
         to_stdout = logging.StreamHandler(sys.stdout)
@@ -60,7 +66,6 @@ def redirect_stderr(path: Path, role: str) -> Path:
         to_stdout.ranray_stdout = True
         logger.addHandler(to_stdout)
     logger.setLevel(logging.INFO)
-    return path
 
 
 def crash_signal(log_file: Path, pid: int | None) -> str | None:

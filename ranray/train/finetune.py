@@ -33,19 +33,19 @@ from ranray.models.ran import VARIANTS
 from ranray.train.checkpoint import atomic_write_text, export_model, load_checkpoint
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.model_card import card_path, write_data_card
-from ranray.model_store import log_best_model
 from ranray.train.evaluate import TrainedModel, evaluate_loader, plot_split_attention
 from ranray.train.plots import plot_confusion_matrix
 from ranray.train.protocols import Splits, protocol_splits
+from ranray.train.runtime import Runtime
 
 log = logging.getLogger("ranray.train")
 
 ATTENTION_FACES = 8
 
 
-def train_func_per_worker(config: dict[str, Any]) -> None:
+def train_func_per_worker(config: dict[str, Any], runtime: Runtime) -> None:
     cfg = from_dict(TrainConfig, config["config"])
-    run_worker(FineTune(cfg), cfg, config)
+    run_worker(FineTune(cfg), cfg, config, runtime)
 
 
 @dataclasses.dataclass
@@ -128,7 +128,7 @@ class FineTune:
         artifacts = [(e.run_dir.confusion, "plots"), (faces, "plots"), (best, "model"),
                      (best.with_suffix(".yaml"), "model"), (card_path(best), "model"), (config_path, "model")]
         if best.is_file():
-            log_best_model(e.tracker, best, self.cfg)  # an MLflow pyfunc, registered if tracking.register_model
+            e.tracker.log_model(best, self.cfg)  # an MLflow pyfunc, registered if tracking.register_model
         # The task's tags again: a run the driver opened was started without them.
         tags = {**self.tags, "final_model": str(model_path), f"best_{self.score_name}": f"{e.state.best_score:.4f}"}
         if self.splits.test_once and best.is_file():

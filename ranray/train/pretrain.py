@@ -43,7 +43,7 @@ from ranray.train.checkpoint import export_model
 from ranray.train.collectives import all_gather
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.train.optim import lr_scheduler
-from ranray.train.resume import read_rank_state
+from ranray.train.runtime import Runtime
 from ranray.train.verification import Pair, VerificationResult, evaluate_verification, read_pairs
 
 log = logging.getLogger("ranray.pretrain")
@@ -157,9 +157,9 @@ def _split_keys(data_dir: str, split: str) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_func_per_worker(config: dict[str, Any]) -> None:
+def train_func_per_worker(config: dict[str, Any], runtime: Runtime) -> None:
     cfg = from_dict(PretrainConfig, config["config"])
-    run_worker(Pretrain(cfg, PretrainPlan(**config["plan"])), cfg, config)
+    run_worker(Pretrain(cfg, PretrainPlan(**config["plan"])), cfg, config, runtime)
 
 
 @dataclass
@@ -225,7 +225,7 @@ class Pretrain:
             return
         old_world = int(state["world_size"])
         needed = overlapping_ranks(self.plan.num_classes, old_world, self.head.class_start, self.head.class_end)
-        parts = [read_rank_state(path, r) for r in needed]
+        parts = [e.runtime.read_rank_state(path, r) for r in needed]
         self.head.load_resharded([p["partial_fc"] for p in parts])
         ranges = [shard_range(self.plan.num_classes, old_world, r) for r in needed]
         self.head_optimizer.load_state_dict(reshard_optimizer_state(

@@ -4,8 +4,9 @@ Ray Train workers never have a terminal: their stdout is a pipe into Ray's log s
 the driver prints (and `ray job submit` keeps as the job's log). Rank 0 shows progress one of two
 ways, neither with a device sync of its own:
 
-- bar: rank 0 sends the bar's state with `ray.experimental.tqdm_ray` (one JSON line at most per
-  second on that stream) and the driver draws it with tqdm: one bar per epoch with the epoch's
+- bar: the runtime's bar (Runtime.progress_bar): under Ray, rank 0 sends the bar's state with
+  `ray.experimental.tqdm_ray` (one JSON line at most per second on that stream) and the driver
+  draws it with tqdm; the local runtime draws a plain tqdm bar. One bar per epoch with the epoch's
   mean loss (as of the last loss read), images/s of the whole group, and tqdm's ETA for the epoch.
 - lines: at a step whose loss the engine read (every `log_every_n_steps`: Hook.on_log), once at
   least `run.progress_every_s` seconds passed since the last line, rank 0 prints
@@ -90,12 +91,10 @@ class ProgressBar(Hook):
         self._close()
 
     def _new_bar(self, e: Engine) -> None:
-        from ray.experimental.tqdm_ray import tqdm
-
         self._close()
         self.bar_epoch, self.images, self.started = e.state.epoch, 0, time.perf_counter()
         done = e.train_loader.state_dict()["batches"] - 1  # this step's batch is counted by on_step
-        self.bar = tqdm(desc=self._describe(e), total=len(e.train_loader), unit="step")
+        self.bar = e.runtime.progress_bar(total=len(e.train_loader), desc=self._describe(e))
         self.bar.update(max(0, done))
 
     def _describe(self, e: Engine) -> str:

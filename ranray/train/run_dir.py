@@ -1,6 +1,7 @@
 """Every file of a run, named once: the run directory, storage_path/run_name.
 
-Beside Ray Train's checkpoint_* folders and checkpoint_manager_snapshot.json (ranray.train.commits):
+Beside the checkpoint_* folders (written by Ray Train, or by the local runtime: ranray.train.local)
+and Ray Train's checkpoint_manager_snapshot.json (ranray.train.commits):
 
     config.yaml                       the job's config; a resumed run is checked against it
     model/best.pt, model/final.pt     fine-tuning's exported models (+ .yaml beside each)
