@@ -175,16 +175,14 @@ class RegionFeatures:
 
 
 def _crop_features(net: "RegionAttentionNetwork", images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(images.device.type, enabled=False):
-        crops = crop_regions(images.float(), boxes, net.cfg.input_size)
+    crops = net.resample(images, boxes)
     b, k = crops.shape[:2]
     return net.backbone(crops.flatten(0, 1)).view(b, k, -1)
 
 
 def _pooled_features(net: "RegionAttentionNetwork", images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     b, k = boxes.shape[:2]
-    with torch.autocast(images.device.type, enabled=False):
-        face = crop_regions(images.float(), net.whole_face_box.expand(b, 1, 4), net.cfg.input_size)[:, 0]
+    face = net.resample(images, net.whole_face_box.expand(b, 1, 4))[:, 0]
     fmap = net.backbone.forward_features(face)
     with torch.autocast(images.device.type, enabled=False):
         cells = crop_regions(fmap.float(), boxes, fmap.shape[-1])  # each box at the map's own size
@@ -314,8 +312,12 @@ class RegionAttentionNetwork(nn.Module):
     def regions(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, 3, S, S) crops in float32, resampled to the backbone's input size."""
         self._check_inputs(images, landmarks)
+        return self.resample(images, self.region_boxes(images, landmarks))
+
+    def resample(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes (B, K, 4) of the images -> (B, K, 3, S, S) at the backbone's input size, in float32."""
         with torch.autocast(images.device.type, enabled=False):
-            return crop_regions(images.float(), self.region_boxes(images, landmarks), self.cfg.input_size)
+            return crop_regions(images.float(), boxes, self.cfg.input_size)
 
     def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Region features (B, K, d) -> mu (B, K), nu (B, K), P_RAN (B, 2d), all float32.
