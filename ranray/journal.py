@@ -83,7 +83,27 @@ def write_run_record(rd: RunDir, record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class JournalTracker:
+class RunScope:
+    """What both trackers share: the status check, and a context that ends the run FINISHED, or FAILED
+    (KILLED on Ctrl-C) when an exception leaves it. Each tracker defines its own end(status)."""
+
+    @staticmethod
+    def check_status(status: str) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False
+
+
+class JournalTracker(RunScope):
     """Tracker's calls, every record to RUN_DIR/metrics.jsonl (for a process without mlflow)."""
 
     offline = True
@@ -117,21 +137,10 @@ class JournalTracker:
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self.check_status(status)
         if self.active:
             self.active = False
             self._write("status", {"status": status})
-
-    def __enter__(self) -> JournalTracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.end("FINISHED")
-        else:
-            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
-        return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._write("params", {str(k): str(v) for k, v in params.items()})

@@ -43,8 +43,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
                                      MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
 
-from ranray.journal import (STATUSES, append_record, read_local_log, read_run_record,  # noqa: F401
-                            resolve_tracking_uri, write_run_record)
+from ranray.journal import (STATUSES, RunScope, append_record, read_local_log,  # noqa: F401
+                            read_run_record, resolve_tracking_uri, write_run_record)
 from ranray.train.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def ui_command(tracking_uri: str, port: int = 5000) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port {port}"
 
 
-class Tracker:
+class Tracker(RunScope):
     """One MLflow run: start, log, end; a context manager that ends the run FAILED on an exception.
 
         with Tracker(cfg.tracking, run_dir) as tracker:
@@ -141,8 +141,7 @@ class Tracker:
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self.check_status(status)
         if not self._active:
             return
         self._active = False
@@ -181,16 +180,6 @@ class Tracker:
 
         self._call("register", {"name": name, "artifact_path": artifact_path}, register)
         return holder[0] if holder else None
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.end("FINISHED")
-        else:
-            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
-        return False
 
     # -- logging --------------------------------------------------------------------------------
 
