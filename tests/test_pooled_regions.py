@@ -3,16 +3,13 @@ feature map), against the paper's crops; the checkpoint's mode; and the inferenc
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
-from train_fixtures import learnable_dataset, tiny_config
+from train_fixtures import calibrated, first_face_file, learnable_dataset, tiny_config
 
 from ranray.cli import main
 from ranray.config import ConfigError, ModelConfig
@@ -26,18 +23,6 @@ def tiny(features: str, seed: int = 0, **kw) -> RegionAttentionNetwork:
     torch.manual_seed(seed)
     kw.setdefault("input_size", 64)
     return RegionAttentionNetwork(ModelConfig(backbone="iresnet_tiny", region_features=features, **kw))
-
-
-def calibrated(net: RegionAttentionNetwork, x: torch.Tensor) -> RegionAttentionNetwork:
-    """BN running statistics of this batch (one cumulative pass), then eval: no batch coupling."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +207,7 @@ def test_evaluate_with_attention_pictures_on_a_pooled_model(pooled_model, data_d
 
 
 def test_predict_draws_the_pooled_regions_boxes(pooled_model, data_dir, tmp_path, capsys):
-    row = pq.read_table(sorted((data_dir / "test").glob("*.parquet"))[0]).slice(0, 1).to_pylist()[0]
-    face = tmp_path / "face.png"
-    Image.open(io.BytesIO(row["image"])).save(face)
+    face = first_face_file(data_dir, tmp_path / "face.png")
     assert main(["predict", "--checkpoint", str(pooled_model), "--detector", "given", "--out",
                  str(tmp_path / "out"), "--json", str(face)]) == 0
     (pred,) = json.loads(capsys.readouterr().out)

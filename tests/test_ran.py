@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from train_fixtures import calibrated
+
 from ranray.config import ConfigError, ModelConfig
 from ranray.models import (RegionAttentionNetwork, build_ran, create_model, expression_loss,
                            region_biased_loss)
@@ -29,18 +31,6 @@ def ramp_images(b: int = 2, size: int = 112) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                             indexing="ij")
     return torch.stack([xs, ys, torch.zeros_like(xs)]).expand(b, 3, size, size).clone()
-
-
-def calibrated(model: RegionAttentionNetwork, x: torch.Tensor) -> RegionAttentionNetwork:
-    """Set BN running stats to this batch's statistics (one cumulative pass), then eval."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

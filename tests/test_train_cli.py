@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, first_face_file, learnable_dataset, tiny_config
 
 from ranray.cli import main
 from ranray.config import ConfigError
@@ -134,11 +133,7 @@ def test_evaluate_cli_prints_table_and_writes_json(untrained_model, data_dir, tm
 
 
 def test_predict_cli_gives_class_probabilities_and_attention(untrained_model, data_dir, tmp_path, capsys):
-    from PIL import Image
-
-    row = pq.read_table(sorted((data_dir / "test").glob("*.parquet"))[0]).slice(0, 1).to_pylist()[0]
-    face = tmp_path / "face.png"
-    Image.open(io.BytesIO(row["image"])).save(face)
+    face = first_face_file(data_dir, tmp_path / "face.png")
     assert main(["predict", "--checkpoint", str(untrained_model), "--detector", "given", "--out",
                  str(tmp_path / "out"), "--json", str(face)]) == 0
     (pred,) = json.loads(capsys.readouterr().out)

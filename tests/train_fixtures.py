@@ -6,10 +6,13 @@ patch, so "loss falls" and "accuracy beats chance" are checks of the training lo
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 from PIL import Image, ImageDraw
 from shard_fixtures import draw_face, write_dataset
 
@@ -56,3 +59,22 @@ def tiny_config(data_dir: Path, storage: Path, name: str, *overrides: str, hooks
 def hooks_override(*hooks: str) -> list[str]:
     """`run.hooks=[...]` as a key=value override (JSON is YAML)."""
     return [f"run.hooks={json.dumps(list(hooks))}"]
+
+
+def first_face_file(data_dir: Path, out: Path, split: str = "test") -> Path:
+    """The split's first aligned face, written as an image file (what `ranray predict --detector given` reads)."""
+    row = pq.read_table(sorted((data_dir / split).glob("*.parquet"))[0]).slice(0, 1).to_pylist()[0]
+    Image.open(io.BytesIO(row["image"])).save(out)
+    return out
+
+
+def calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Set BN running stats to this batch's statistics (one cumulative pass), then eval: no batch coupling."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
