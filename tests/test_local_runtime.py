@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,29 @@ def test_a_killed_local_run_resumes_from_its_checkpoint_and_trains_each_step_onc
     final, reference = load_checkpoint(resumed.final_model), load_checkpoint(plain.final_model)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[key], reference[key]) for key in reference)  # bit for bit
+
+
+OLD_MAIN_RUN = TESTS / "fixtures" / "run_main_9463196"
+
+
+def test_a_checkpoint_written_by_main_before_the_runtime_seam_resumes_bit_for_bit(plain, data_dir, storage):
+    """The fixture is a Ray Train run of the same config written by main 9463196 (before this engine's
+    runtime seam), killed after step 3 with its checkpoint at step 2 (make_fixture.py says how). The
+    local runtime picks it up at step 2 and ends on the uninterrupted run's weights, bit for bit."""
+    run_dir = storage / "old_main"
+    run_dir.mkdir()
+    shutil.copytree(OLD_MAIN_RUN / "checkpoint_00000002_g00", run_dir / "checkpoint_00000002_g00")
+    shutil.copytree(OLD_MAIN_RUN / "steps", run_dir / "steps")
+    shutil.copy(OLD_MAIN_RUN / "config.yaml", run_dir / "config.yaml")  # its data.dir and storage: the maker's
+    verify_checkpoint(run_dir / "checkpoint_00000002_g00" / STATE_FILE)
+    resumed = run_training(local_config(data_dir, storage, "old_main"), runtime="local")
+    assert resumed.resumed and resumed.metrics["step"] == TOTAL_STEPS
+    starts = [line for line in steps_log(run_dir).read_text().splitlines() if line.startswith("start")]
+    assert starts == ["start 0 0", "start 1 2"]
+    assert committed_steps(steps_log(run_dir)) == committed_steps(steps_log(plain.run_dir))
+    final, reference = load_checkpoint(resumed.final_model), load_checkpoint(plain.final_model)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[key], reference[key]) for key in reference)
 
 
 def test_a_local_rerun_skips_a_truncated_newest_checkpoint_and_an_unfinished_one(plain, data_dir, storage):
