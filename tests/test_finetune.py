@@ -136,7 +136,8 @@ def test_mlflow_has_params_metrics_and_pictures(baseline):
     assert {"train_loss", "lr", "images_per_s", "val_accuracy", "val_acc_neutral", "epoch_train_loss"} <= set(
         run["metrics"])
     artifacts = set(list_artifacts(baseline.tracking_uri, baseline.mlflow_run_id))
-    assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt"} <= artifacts
+    assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt",
+            "ran_model/MLmodel"} <= artifacts  # the MLflow model, logged by the driver after training
 
 
 def test_every_step_once_in_order(baseline):

@@ -8,7 +8,8 @@
     validation    accuracy (per class, per subset, confusion) on the watched split, all ranks reduced;
                   under `clean` the best epoch's model goes to model/best.pt with its confusion matrix
     finish        model/final.pt, the `clean` protocol's one test of model/best.pt, a picture of the
-                  learned attention, all to MLflow
+                  learned attention, all to MLflow (the driver then logs model/best.pt as an MLflow
+                  model, ranray.train.launch: no worker imports MLflow's pyfunc)
 
 Everything else (resume, DDP, precision, the optimiser step, checkpoints, reports, tracking) is
 the engine's (ranray.train.engine).
@@ -128,8 +129,6 @@ class FineTune:
         best = e.run_dir.best_model
         artifacts = [(e.run_dir.confusion, "plots"), (faces, "plots"), (best, "model"),
                      (best.with_suffix(".yaml"), "model"), (card_path(best), "model"), (config_path, "model")]
-        if best.is_file():
-            e.tracker.log_model(best, self.cfg)  # an MLflow pyfunc, registered if tracking.register_model
         # The task's tags again: a run the driver opened was started without them.
         tags = {**self.tags, "final_model": str(model_path), f"best_{self.score_name}": f"{e.state.best_score:.4f}"}
         if self.splits.test_once and best.is_file():
