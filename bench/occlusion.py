@@ -25,7 +25,7 @@ a variant its epochs outright (and adds it to the study). whole_face_eqtime, the
 trained for RAN's training time, needs it: the table's notes suggest N from the measured faces/s.
 
 Each run's model as its protocol reports it (model/best.pt: the best validation epoch under `clean`,
-the last epoch under `ran`) is evaluated on the job's test split (ranray.train.evaluate): accuracy on
+the last epoch under `ran`) is evaluated on the job's test split (ranray.evaluation): accuracy on
 all faces, mean per-class accuracy, accuracy on clean faces (no flag) and on the occlusion, pose30 and
 pose45 subsets; the row also has the training time, faces/s (the last epoch's training throughput of
 all workers), the 1-min load and the epochs. For the region variants, each region's mean share of the
@@ -337,7 +337,7 @@ def train_and_measure(cfg: TrainConfig, attention_faces: int) -> dict:
 
 def test_accuracies(model: Path, cfg: TrainConfig, run_dir: Path) -> dict:
     """Fractions in [0, 1] (None where the split has no face of a subset) under the study's names."""
-    from ranray.train.evaluate import evaluate
+    from ranray.evaluation import evaluate
 
     split = cfg.data.test_split
     m = evaluate(model, cfg.data.dir, split, out_dir=run_dir / f"eval_{split}", progress=False).metrics

@@ -1,41 +1,38 @@
-"""A trained RAN as an MLflow model: logged with its run, registered, loaded back by URI.
+"""A trained RAN as an MLflow model: the pyfunc class, its folder, logged with its run and registered.
 
-    log_best_model(tracker, best, cfg)      at the end of fine-tuning (rank 0): the best model as an
-                                            MLflow pyfunc model under the run's `ran_model/`,
-                                            registered as a new version of tracking.register_model
-                                            (when that is set); returns the version
-    load_registered_model("models:/NAME/VERSION", tracking_uri)   -> TrainedModel (also
-                                            models:/NAME/latest and models:/NAME@alias)
+    log_best_model(tracker, best, cfg)      after fine-tuning (the driver, ranray.tracking.Tracker.log_model):
+                                            the best model as an MLflow pyfunc under the run's
+                                            `ran_model/`, registered as a new version of
+                                            tracking.register_model (when that is set); returns the version
+    save_pyfunc(best, out)                  that model folder, written locally
     RanPyfunc                               the pyfunc: predict(aligned faces) -> per face its
                                             class, probabilities and attention per region
 
 The model folder holds the exported weights (best.pt), their config (best.yaml) and the data card
-(best.data.json, ranray.model_card) as pyfunc artifacts; the same files load_trained_model reads.
-Loading needs ranray installed (the pyfunc's code is ranray's), as serving any ranray model does.
-Besides ranray.tracking this is the only module that imports mlflow.
+(best.data.json, ranray.model_card) as pyfunc artifacts; the same files ranray.inference reads.
+Loading a registered model back (models:/...) is ranray.inference's (with ranray.model_registry),
+which reads those files and never unpickles this class. Serving the pyfunc needs ranray installed
+(its code is ranray's). This module depends on ranray.inference, never the reverse.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import torch
-from mlflow.artifacts import download_artifacts
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
+from ranray.data.schema import FACE_SIZE
+from ranray.inference import classify_aligned, faces_tensor, load_trained_model
 from ranray.model_card import card_path, write_data_card
+from ranray.model_registry import CARD, CONFIG, WEIGHTS
 
 MODEL_ARTIFACT = "ran_model"
-WEIGHTS, CONFIG, CARD = "weights", "config", "data_card"
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 
 
 class RanPyfunc(mlflow.pyfunc.PythonModel):
@@ -45,23 +42,15 @@ class RanPyfunc(mlflow.pyfunc.PythonModel):
     returns one dict per face: label, probabilities {class: p}, attention [{region, box, mu, nu}]."""
 
     def load_context(self, context: Any) -> None:
-        from ranray.train.evaluate import load_trained_model
-
         self.trained = load_trained_model(context.artifacts[WEIGHTS])
 
     # No type hints here: MLflow would read them as an input schema (and warn that it cannot).
     def predict(self, context, model_input, params=None):
-        from dataclasses import asdict
-
-        from ranray.train.evaluate import classify_aligned
-
         images, landmarks = _faces_input(model_input)
         return [asdict(r) for r in classify_aligned(self.trained, images, landmarks)]
 
 
 def _faces_input(model_input: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from ranray.data.schema import FACE_SIZE, normalize
-
     raw = model_input.get("images") if isinstance(model_input, dict) else model_input
     faces = np.asarray(raw)
     if faces.ndim == 3:
@@ -69,7 +58,7 @@ def _faces_input(model_input: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3):
         raise ValueError(f"expected aligned RGB faces of shape (N, {FACE_SIZE}, {FACE_SIZE}, 3), "
                          f"got {faces.shape}")
-    images = normalize(torch.from_numpy(faces.astype(np.float32)).permute(0, 3, 1, 2))
+    images = faces_tensor(faces)
     lm = model_input.get("landmarks") if isinstance(model_input, dict) else None
     landmarks = torch.as_tensor(np.asarray(lm, dtype=np.float32)) if lm is not None else None
     return images.contiguous(), landmarks
@@ -101,51 +90,3 @@ def log_best_model(tracker: Any, best: str | os.PathLike, cfg: Any, name: str | 
     save_pyfunc(best, model_dir, data_dir=cfg.data.dir)
     tracker.log_artifact(model_dir, MODEL_ARTIFACT)
     return tracker.register_model(name, MODEL_ARTIFACT) if name else None
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """(name, version or "latest" or None, alias or None) of models:/NAME/VERSION or models:/NAME@ALIAS."""
-    m = _MODEL_URI.match(uri)
-    if not m:
-        raise ValueError(f"{uri!r} is not models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
-    return m["name"], m["version"], m["alias"]
-
-
-def resolve_version(client: MlflowClient, uri: str) -> Any:
-    """The ModelVersion a models:/ URI means; ValueError naming the model when there is none."""
-    name, version, alias = parse_model_uri(uri)
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        if version == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise ValueError(f"registered model {name!r} has no versions")
-            return max(versions, key=lambda v: int(v.version))
-        return client.get_model_version(name, version)
-    except MlflowException as exc:
-        raise ValueError(f"{uri}: {exc.message}") from exc
-
-
-def load_registered_model(uri: str, tracking_uri: str | None = None, device: str | torch.device = "cpu") -> Any:
-    """Download a registered RAN (models:/...) and load it as ranray.train.evaluate.TrainedModel."""
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not tracking_uri:
-        raise ValueError(f"{uri} names a registered model: give the MLflow store with --tracking-uri "
-                         "or MLFLOW_TRACKING_URI")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    version = resolve_version(client, uri)
-    source = client.get_model_version_download_uri(version.name, version.version)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file, on any stream
-    with tempfile.TemporaryDirectory(prefix="ranray-model-") as tmp:
-        local = download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
-        try:
-            model = mlflow.pyfunc.load_model(local).unwrap_python_model()
-        except MlflowException as exc:
-            raise ValueError(f"{uri} is not an MLflow model ({exc.message})") from exc
-        if not isinstance(model, RanPyfunc):
-            raise ValueError(f"{uri} is a {type(model).__name__}, not a ranray RAN model")
-    trained = model.trained
-    trained.net.to(device)
-    trained.source, trained.weights = f"{uri} (run {version.run_id})", None
-    return trained

@@ -20,14 +20,15 @@ from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.config import OptimConfig, flatten
 from ranray.data.loader import build_loader
+from ranray.evaluation import evaluate
+from ranray.inference import load_trained_model
 from ranray.models import build_ran, share_concentration
 from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
-from ranray.train.evaluate import evaluate, load_trained_model
 from ranray.train.finetune import FineTune
 from ranray.train.launch import run_training
-from ranray.train.ray_train import build_trainer
 from ranray.train.optim import lr_factor
+from ranray.train.ray_train import build_trainer
 
 STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)  # 2 workers, batch 8, drop_last
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
@@ -93,6 +94,8 @@ def test_checkpoints_exist_verify_and_load(baseline):
         assert trained.cfg.model.num_classes == NUM_CLASSES
     final = load_trained_model(baseline.final_model).net.state_dict()
     assert all(torch.equal(final[k], v) for k, v in state["model"].items())
+    folder = load_trained_model(dirs[-1]).net.state_dict()  # the checkpoint folder: the same weights
+    assert folder.keys() == final.keys() and all(torch.equal(folder[k], v) for k, v in final.items())
 
 
 RAY_ONLY = {".validate_storage_marker", "checkpoint_manager_snapshot.json", "logs"}  # Ray Train's; workers' stderr
@@ -133,7 +136,8 @@ def test_mlflow_has_params_metrics_and_pictures(baseline):
     assert {"train_loss", "lr", "images_per_s", "val_accuracy", "val_acc_neutral", "epoch_train_loss"} <= set(
         run["metrics"])
     artifacts = set(list_artifacts(baseline.tracking_uri, baseline.mlflow_run_id))
-    assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt"} <= artifacts
+    assert {"config.yaml", "plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt",
+            "ran_model/MLmodel"} <= artifacts  # the MLflow model, logged by the driver after training
 
 
 def test_every_step_once_in_order(baseline):

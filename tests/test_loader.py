@@ -23,7 +23,7 @@ from ranray.data.loader import FLIP_68, build_loader
 from ranray.data.schema import (FACE_SIZE, FLAG_OCCLUSION, NUM_LANDMARKS, PIXEL_MEAN, PIXEL_STD, denormalize,
                                 normalize, shard_paths)
 from ranray.data.shards import num_batches, plan_rank
-from ranray.train.evaluate import face_tensor
+from ranray.inference import face_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shard_fixtures import template_landmarks, write_dataset  # noqa: E402
@@ -281,7 +281,7 @@ def _faces(data: Path, split: str) -> dict[str, Image.Image]:
 
 
 def test_dali_torch_and_prediction_inputs_agree(data_dir, tmp_path):
-    """Both loader backends and prediction's preprocessing (ranray.train.evaluate.face_tensor) feed
+    """Both loader backends and prediction's preprocessing (ranray.inference.face_tensor) feed
     the model the same normalised tensor for the same face (ranray.data.schema.normalize)."""
     def run(data: Path, backend: str, **kw) -> list[dict]:
         return list(build_loader(data, "train", batch_size=8, seed=1, backend=backend, num_threads=1, **kw))

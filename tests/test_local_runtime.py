@@ -21,10 +21,10 @@ from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.cli import main
 from ranray.config import ConfigError, save_config
+from ranray.inference import load_trained_model
 from ranray.journal import read_local_log
 from ranray.tracking import metric_history
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint, verify_checkpoint
-from ranray.train.evaluate import load_trained_model
 from ranray.train.launch import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,10 +245,14 @@ def test_the_blocker_blocks(torch_only):
     assert done.stdout.split("\n")[:4] == ["blocked ray", "blocked mlflow", "blocked nvidia.dali", "blocked dlib"]
 
 
-def test_the_engine_models_and_local_runtime_import_none_of_the_four():
+def test_the_engine_models_inference_and_local_runtime_import_none_of_the_four():
+    """Nor the MLflow model (ranray.model_store): the driver logs it, no worker imports it; dlib
+    comes only when a photo's faces are detected."""
     code = ("import sys\nimport ranray.models, ranray.train.engine, ranray.train.local, ranray.train.launch, "
-            "ranray.train.finetune, ranray.train.pretrain, ranray.commands.train\n"
-            "print(sorted(m for m in ('ray', 'mlflow', 'nvidia.dali', 'dlib') if m in sys.modules))")
+            "ranray.train.finetune, ranray.train.pretrain, ranray.commands.train, ranray.inference, "
+            "ranray.evaluation, ranray.prediction\n"
+            "print(sorted(m for m in ('ray', 'mlflow', 'nvidia.dali', 'dlib', 'ranray.model_store') "
+            "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

@@ -15,9 +15,10 @@ from train_fixtures import learnable_dataset, tiny_config
 from ranray.cli import main
 from ranray.commands.demo import summary
 from ranray.data.synth import SynthOptions, synthesize
+from ranray.evaluation import EvalReport
+from ranray.inference import load_trained_model
 from ranray.model_card import card_path, describe_training_data, read_data_card, write_data_card
 from ranray.train.checkpoint import export_model
-from ranray.train.evaluate import EvalReport, load_trained_model
 from ranray.train.launch import TrainingResult
 
 WARNING = "trained on synthetic faces only"

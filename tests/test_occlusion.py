@@ -29,9 +29,9 @@ from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
 from ranray.config import ModelConfig, save_config
 from ranray.data.loader import build_loader
 from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45
+from ranray.evaluation import SUBSET_MASK
 from ranray.models.ran import RegionAttentionNetwork
 from ranray.tracking import list_artifacts
-from ranray.train.evaluate import SUBSET_MASK
 from ranray.train.metrics import mean_class_accuracy, per_class_from_confusion
 from ranray.train.occlusion import (SHARE_SUBSETS, cover_box, measure_attention_shift, measure_region_shares,
                                     measure_trained, report_trained)

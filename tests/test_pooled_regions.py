@@ -13,10 +13,10 @@ from train_fixtures import calibrated, first_face_file, learnable_dataset, tiny_
 
 from ranray.cli import main
 from ranray.config import ConfigError, ModelConfig
+from ranray.inference import load_trained_model
 from ranray.models import RegionAttentionNetwork, build_ran, expression_loss, region_biased_loss
 from ranray.models.ran import crop_regions
 from ranray.train.checkpoint import export_model
-from ranray.train.evaluate import load_trained_model
 
 
 def tiny(features: str, seed: int = 0, **kw) -> RegionAttentionNetwork:

@@ -16,8 +16,8 @@ from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
 
 from ranray.cli import main
 from ranray.config import CLASS_NAMES
+from ranray.prediction import ANNOTATION_COLOUR
 from ranray.train.checkpoint import export_model
-from ranray.train.evaluate import ANNOTATION_COLOUR
 
 # The astronaut's face in the 512 x 512 picture (looked up by eye: brow to chin, ear to ear);
 # dlib's HOG box must sit on it.

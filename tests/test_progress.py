@@ -110,7 +110,7 @@ def test_training_output_to_a_file_shows_progress_lines(ray_session, data_dir, t
 def test_evaluation_bar_on_a_terminal_and_none_on_a_pipe(data_dir, tmp_path):
     from ranray.models import build_ran
     from ranray.train.checkpoint import export_model
-    from ranray.train.evaluate import evaluate
+    from ranray.evaluation import evaluate
 
     cfg = tiny_config(data_dir, tmp_path, "eval")
     model, _ = export_model(build_ran(cfg.model).state_dict(), cfg, tmp_path / "model" / "best.pt")

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from ranray.train.evaluate import load_trained_model, predict
+from ranray.inference import load_trained_model
+from ranray.prediction import predict
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "ferplus_ran_cpu"
 WEIGHTS = MODEL_DIR / "best.pt"

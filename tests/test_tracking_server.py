@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, StubProxy
@@ -27,10 +28,11 @@ from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.cli import main
 from ranray.config import TrackingConfig
+from ranray.evaluation import evaluate
+from ranray.inference import load_trained_model
 from ranray.model_store import MODEL_ARTIFACT, log_best_model
 from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, metric_history, read_local_log,
                              synced_log_path)
-from ranray.train.evaluate import evaluate
 from ranray.train.launch import run_training
 
 EPOCHS = 2
@@ -210,6 +212,12 @@ def registry_checks(result, cfg, server: MlflowServer, tmp: Path, capsys) -> Non
     assert mv.run_id == result.mlflow_run_id
     assert f"{MODEL_ARTIFACT}/MLmodel" in list_artifacts(server.url, result.mlflow_run_id)
 
+    # One loader, whatever names the model: its file, its run directory, the registry.
+    by_file, by_run, by_registry = (load_trained_model(m, tracking_uri=server.url).net.state_dict()
+                                    for m in (result.best_model, result.run_dir, "models:/ran-tiny/1"))
+    assert by_file.keys() == by_run.keys() == by_registry.keys()
+    assert all(torch.equal(v, by_run[k]) and torch.equal(v, by_registry[k]) for k, v in by_file.items())
+
     # The pyfunc: aligned faces in, class, probabilities and region attention out.
     row = pq.read_table(sorted((Path(cfg.data.dir) / "test").glob("*.parquet"))[0]).slice(0, 2).to_pylist()
     faces = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in row])
@@ -239,6 +247,17 @@ def registry_checks(result, cfg, server: MlflowServer, tmp: Path, capsys) -> Non
     assert saved["checkpoint"].startswith("models:/ran-tiny/latest")
     assert main(["predict", "--model", "models:/ran-tiny/7", "--tracking-uri", server.url, str(face)]) == 2
     assert "models:/ran-tiny/7" in capsys.readouterr().err
+
+
+def test_an_mlflow_folder_that_is_not_a_ranray_model_is_refused_naming_the_uri(tmp_path):
+    from ranray.model_registry import weights_in_model_folder
+
+    with pytest.raises(ValueError, match="^models:/other/1 is not an MLflow model"):
+        weights_in_model_folder(tmp_path, "models:/other/1")
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump(
+        {"flavors": {"python_function": {"artifacts": {"config": {"path": "artifacts/c.yaml"}}}}}))
+    with pytest.raises(ValueError, match="^models:/other/1 is not a ranray RAN model"):
+        weights_in_model_folder(tmp_path, "models:/other/1")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ranray.config import ConfigError, TrainConfig, load_config
     from ranray.ray_runtime import ensure_ray
-    from ranray.train.evaluate import evaluate
+    from ranray.evaluation import evaluate
     from ranray.train.launch import run_training
 
     begun = time.perf_counter()

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ranray.data.schema import DatasetError
     from ranray.model_card import synthetic_warning
-    from ranray.train.evaluate import evaluate
+    from ranray.evaluation import evaluate
 
     try:
         report = evaluate(args.model, args.data, args.split, batch_size=args.batch_size, out_dir=args.out,

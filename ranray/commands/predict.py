@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ranray.model_card import describe, synthetic_warning
-    from ranray.train.evaluate import format_prediction, load_trained_model, predict
+    from ranray.inference import load_trained_model
+    from ranray.prediction import format_prediction, predict
 
     try:
         trained = load_trained_model(args.model, tracking_uri=args.tracking_uri)

@@ -8,7 +8,8 @@
     validation    accuracy (per class, per subset, confusion) on the watched split, all ranks reduced;
                   under `clean` the best epoch's model goes to model/best.pt with its confusion matrix
     finish        model/final.pt, the `clean` protocol's one test of model/best.pt, a picture of the
-                  learned attention, all to MLflow
+                  learned attention, all to MLflow (the driver then logs model/best.pt as an MLflow
+                  model, ranray.train.launch: no worker imports MLflow's pyfunc)
 
 Everything else (resume, DDP, precision, the optimiser step, checkpoints, reports, tracking) is
 the engine's (ranray.train.engine).
@@ -27,13 +28,14 @@ import torch
 from ranray.config import TrainConfig, class_names_of, from_dict
 from ranray.data.loader import FaceLoader, build_loader
 from ranray.data.schema import read_manifest
+from ranray.evaluation import evaluate_loader, plot_split_attention
+from ranray.inference import TrainedModel, load_ran, read_weights, untrained_ran
 from ranray.models import build_ran, expression_loss, region_biased_loss, share_concentration
 from ranray.models.losses import rb_margin_for
 from ranray.models.ran import VARIANTS
-from ranray.train.checkpoint import atomic_write_text, export_model, load_checkpoint
+from ranray.train.checkpoint import atomic_write_text, export_model
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.model_card import card_path, write_data_card
-from ranray.train.evaluate import TrainedModel, evaluate_loader, plot_split_attention
 from ranray.train.plots import plot_confusion_matrix
 from ranray.train.protocols import Splits, protocol_splits
 from ranray.train.runtime import Runtime
@@ -85,7 +87,7 @@ class FineTune:
     def build(self, e: Engine, resumed: bool) -> Built:
         cfg = self.cfg
         train_loader, val_loader = build_loaders(cfg, self.splits, e.rank, e.world_size, e.device, e.channels_last)
-        net = build_ran(dataclasses.replace(cfg.model, init_backbone="") if resumed else cfg.model)
+        net = untrained_ran(cfg.model) if resumed else build_ran(cfg.model)  # a resume loads its weights
         return Built(train_loader, val_loader, net)
 
     def loss(self, e: Engine, batch: dict[str, Any]) -> torch.Tensor:
@@ -127,8 +129,6 @@ class FineTune:
         best = e.run_dir.best_model
         artifacts = [(e.run_dir.confusion, "plots"), (faces, "plots"), (best, "model"),
                      (best.with_suffix(".yaml"), "model"), (card_path(best), "model"), (config_path, "model")]
-        if best.is_file():
-            e.tracker.log_model(best, self.cfg)  # an MLflow pyfunc, registered if tracking.register_model
         # The task's tags again: a run the driver opened was started without them.
         tags = {**self.tags, "final_model": str(model_path), f"best_{self.score_name}": f"{e.state.best_score:.4f}"}
         if self.splits.test_once and best.is_file():
@@ -158,8 +158,7 @@ def build_loaders(cfg: TrainConfig, splits: Splits, rank: int, world_size: int, 
 def test_best_model(task: FineTune, e: Engine) -> dict[str, float]:
     """The `clean` protocol's one look at the test split, with the model chosen on val (rank 0)."""
     cfg = task.cfg
-    net = build_ran(dataclasses.replace(cfg.model, init_backbone="")).to(e.device)
-    net.load_state_dict(load_checkpoint(e.run_dir.best_model))
+    net = load_ran(cfg.model, read_weights(e.run_dir.best_model)).to(e.device)
     loader = build_loader(cfg.data.dir, task.splits.test_once, batch_size=cfg.batch_size, training=False, rank=0,
                           world_size=1, seed=cfg.run.seed, backend=cfg.data.loader, device=e.device,
                           num_threads=cfg.data.num_threads, channels_last=e.channels_last,

@@ -1,7 +1,7 @@
 """What each job kind is and where its run lives; shared by the driver (launch) and both runtimes.
 
     JOBS              TrainConfig / PretrainConfig -> Job: the workers' function, the files a run
-                      leaves, its MLflow tags
+                      leaves, its MLflow tags, whether its best model becomes an MLflow model
     run names         cfg.run.name, else `<tag>-<timestamp>`
     storage           cfg.run.storage_path made absolute (or a URI), and the local run directory
     worker_config     the dict every worker's function gets (Ray's train_loop_config)
@@ -31,13 +31,15 @@ class Job:
     # then the best model; they name the result's artifacts
     outputs: tuple[str, ...]
     tags: Callable[[Any], dict[str, str]] = lambda cfg: {}
+    logs_model: bool = False  # the driver logs the best model as an MLflow model after fit (tracker.log_model)
 
 
 JOBS: dict[type, Job] = {
     TrainConfig: Job("training", "train", "ranray.train.finetune:train_func_per_worker",
                      ("final_model", "best_model", "confusion", "attention"),
                      tags=lambda cfg: {"train_subset": cfg.data.train_subset, "protocol": cfg.protocol,
-                                       "model_variant": cfg.model.variant}),
+                                       "model_variant": cfg.model.variant},
+                     logs_model=True),
     PretrainConfig: Job("pretraining", "pretrain", "ranray.train.pretrain:train_func_per_worker",
                         ("backbone", "best_backbone")),
 }

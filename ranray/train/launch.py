@@ -180,6 +180,8 @@ def run_job(cfg: TrainConfig | PretrainConfig, launcher: Launcher, *, run_name: 
     started = time.perf_counter()
     with tracker:  # FAILED if fit raises
         result = launcher.fit(cfg, name, storage, tracking_run_id=run_id, plan=plan)
+        if job.logs_model and best.exists():  # here, so no worker imports MLflow's pyfunc
+            tracker.log_model(best, cfg)  # registered too when tracking.register_model is set
     outputs = {key: getattr(files, key) for key in ("config", *job.outputs)}
     artifacts = {key: path for key, path in outputs.items() if path.exists()}
     metrics = dict(result.metrics)

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from ranray.data.schema import SUBSET_FLAGS
+from ranray.evaluation import SUBSET_MASK
+from ranray.inference import TrainedModel, load_trained_model, region_names
 from ranray.models.ran import RegionAttentionNetwork
-from ranray.train.evaluate import SUBSET_MASK, TrainedModel
 
 FILL = 0.0  # normalised pixels: the dataset's mean grey, a card with no texture
 
@@ -143,7 +144,6 @@ def _trained_on_split(weights: str | Path, data_dir: str | Path, split: str,
                       batch_size: int) -> tuple[TrainedModel, Any, list[str]]:
     """A trained model file, a torch loader (fp32, in this process) over the split, the region names."""
     from ranray.data.loader import build_loader
-    from ranray.train.evaluate import load_trained_model, region_names
 
     trained = load_trained_model(weights)
     loader = build_loader(data_dir, split, batch_size=batch_size, training=False, backend="torch", num_threads=0)
@@ -161,7 +161,7 @@ def measure_trained(weights: str | Path, data_dir: str | Path, split: str = "tes
 # Each region's share of the decision, per subset of faces
 # ---------------------------------------------------------------------------------------------
 
-SHARE_SUBSETS = ("all", "clean", *SUBSET_FLAGS)  # clean: no subset flag (ranray.train.evaluate)
+SHARE_SUBSETS = ("all", "clean", *SUBSET_FLAGS)  # clean: no subset flag (ranray.evaluation)
 
 
 def subset_masks(flags: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -277,7 +277,6 @@ def report_trained(weights: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     from ranray.data.loader import build_loader
     from ranray.tracking import log_run_artifacts
-    from ranray.train.evaluate import load_trained_model
 
     shift = measure_trained(weights, data_dir, split, max_faces=max_faces)
     out = Path(out_dir)
