@@ -26,7 +26,8 @@ import torch
 
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import SUBSET_FLAGS
-from ranray.inference import TrainedModel, load_trained_model, region_names
+from ranray.inference import TrainedModel, load_trained_model, region_names, to_grey
+from ranray.pretrained import is_shipped
 from ranray.models import RegionAttentionNetwork
 from ranray.train.metrics import EvalAccumulator, EvalResult
 from ranray.train.optim import PRECISIONS
@@ -70,13 +71,15 @@ class EvalReport:
 @torch.no_grad()
 def evaluate_loader(net: RegionAttentionNetwork, loader: Any, autocast: Callable[[], Any],
                     use_landmarks: bool, num_classes: int, prefix: str = "val", reduce: bool = True,
-                    class_names: Sequence[str] | None = None, progress: Any = None) -> EvalResult:
+                    class_names: Sequence[str] | None = None, progress: Any = None,
+                    grey: bool = False) -> EvalResult:
     """Accuracy (majority labels), per class, per subset flag and the confusion matrix of `loader`.
 
     Runs the bare module (no DDP collectives per batch); EvalAccumulator all-reduces the counts
     once at the end when a process group is up, so every rank gets the whole split's numbers.
     progress: a stream to draw a progress bar on when it is a terminal (offline evaluation);
-    validation inside training passes none.
+    validation inside training passes none. grey: faces made grey first (a model trained on grey
+    faces, ranray.inference.Preprocessing), as prediction does.
     """
     names = tuple(class_names) if class_names else CLASS_NAMES[:num_classes]
     acc = EvalAccumulator(num_classes, names, prefix=prefix, reduce=reduce)
@@ -86,7 +89,8 @@ def evaluate_loader(net: RegionAttentionNetwork, loader: Any, autocast: Callable
     loader.set_epoch(0)
     for batch in batch_progress(loader, progress, desc=f"evaluating {prefix}"):
         with autocast():
-            out = net(batch["images"], batch["landmarks"] if use_landmarks else None)
+            images = to_grey(batch["images"]) if grey else batch["images"]
+            out = net(images, batch["landmarks"] if use_landmarks else None)
         logits = out.logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         acc.update(logits, batch["labels"], batch["flags"], loss=loss)
@@ -109,12 +113,12 @@ def batch_progress(loader: Any, stream: Any, desc: str) -> Any:
     return tqdm(loader, total=len(loader), desc=desc, unit="batch", file=stream, dynamic_ncols=True)
 
 
-def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
+def evaluate(checkpoint: str | Path | None, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
              out_dir: str | Path | None = None, backend: str = "torch", num_threads: int = 0,
              precision: str = "fp32", subset: str = "all", tracking_uri: str | None = None,
              progress: Any = True, attention_faces: int = 0) -> EvalReport:
     """Evaluate a trained model on a prepared split; writes eval_<split>.json and the confusion PNG
-    (default folder: eval_<split> beside the weights, or ./eval_<split> for a registered model);
+    (default folder: eval_<split> beside the weights, or ./eval_<split> for a registered or shipped model);
     attention_faces=N also draws N clean and N occluded faces of the split with their attention;
     progress: True for a bar on stderr when that is a terminal, False for none, or a stream."""
     from ranray.data.loader import build_loader
@@ -133,11 +137,13 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     result = evaluate_loader(trained.net, loader, autocast, trained.uses_landmarks,
                              num_classes=trained.cfg.model.num_classes, prefix=split,
                              class_names=trained.class_names,
-                             progress=PROGRESS_STREAMS.get(progress, lambda: progress)())
+                             progress=PROGRESS_STREAMS.get(progress, lambda: progress)(),
+                             grey=trained.preprocessing.colour == "grey")
     report = EvalReport(split=split, metrics=result.metrics, confusion=result.confusion.tolist(),
                         class_names=list(result.class_names), checkpoint=trained.source,
                         data_dir=str(data_dir), skipped=loader.skipped, trained_on=trained.data)
-    beside = trained.weights.parent if trained.weights is not None else Path.cwd()
+    # A registered or shipped model's folder is not the user's to write into.
+    beside = Path.cwd() if trained.weights is None or is_shipped(trained.weights) else trained.weights.parent
     out = Path(out_dir) if out_dir else beside / f"eval_{split}"
     png = plot_confusion_matrix(result.confusion, result.class_names, out / f"confusion_{split}.png",
                                 title=f"{split}: accuracy {report.accuracy:.3f}")

@@ -29,11 +29,12 @@ import torch
 import yaml
 
 from ranray.config import ModelConfig, TrainConfig, class_names_of, from_dict
-from ranray.data.schema import normalize
+from ranray.data.schema import FACE_SIZE, NUM_LANDMARKS, PIXEL_MEAN, PIXEL_STD, normalize
 from ranray.model_card import read_data_card
 from ranray.model_registry import download_weights, is_model_uri
 from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.models.ran import LANDMARK_GROUPS
+from ranray.pretrained import DEFAULT_MODEL, SHIPPED
 from ranray.train.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, manifest_path, resolve_state_file
 from ranray.train.run_dir import RunDir
 
@@ -54,16 +55,60 @@ class TrainedModel:
     def uses_landmarks(self) -> bool:
         return self.cfg.model.region_mode == "landmark"
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.of(self.cfg, self.data)
+
+
+# FER2013's faces are 48x48 grey images: a model trained on them has never seen colour, so a
+# photograph is made grey the same way before it sees it.
+GREY_SOURCES = frozenset({"ferplus"})
+# ITU-R BT.601 luma, what PIL's convert("L") uses; the weights sum to 1, so it commutes with normalize.
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a photograph goes through before this model sees it, as its training faces did."""
+
+    detector: str  # for photographs; the training faces' own detector is in the data card
+    landmarks: int
+    align_template: str
+    aligned_size: int  # the aligned face; the model resamples each region to input_size
+    input_size: int
+    colour: str  # "grey" (luma, repeated in 3 channels) or "rgb"
+    mean: float  # model input = (pixel - mean) / std, pixels 0..255
+    std: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, card: Mapping[str, Any]) -> Preprocessing:
+        return cls(detector="dlib HOG", landmarks=NUM_LANDMARKS,
+                   # Datasets prepared before the template became a choice used insightface's.
+                   align_template=card.get("align_template", "insightface"), aligned_size=FACE_SIZE,
+                   input_size=cfg.model.input_size,
+                   colour="grey" if card.get("source") in GREY_SOURCES else "rgb",
+                   mean=float(PIXEL_MEAN), std=float(PIXEL_STD))
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [("detector", f"{self.detector}, {self.landmarks} landmarks"),
+                ("alignment", f"similarity to the {self.align_template} template, {self.aligned_size}x"
+                              f"{self.aligned_size}; regions resampled to {self.input_size}"),
+                ("colour", self.colour), ("normalisation", f"(x - {self.mean:g}) / {self.std:g}")]
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
 
-def load_trained_model(source: str | Path, device: str | torch.device = "cpu",
+def load_trained_model(source: str | Path | None = None, device: str | torch.device = "cpu",
                        tracking_uri: str | None = None) -> TrainedModel:
-    """A file, folder or run directory; or models:/NAME/VERSION (also /latest, @alias) from the
-    MLflow registry at `tracking_uri` (default MLFLOW_TRACKING_URI)."""
+    """A file, folder or run directory; a shipped model's name (ranray.pretrained; None: the
+    default one); or models:/NAME/VERSION (also /latest, @alias) from the MLflow registry at
+    `tracking_uri` (default MLFLOW_TRACKING_URI)."""
+    source = DEFAULT_MODEL if source is None else source
+    if str(source) in SHIPPED:
+        return _load_file(SHIPPED[str(source)].weights, device)
     if is_model_uri(source):
         return _load_registered(str(source), device, tracking_uri)
     return _load_file(resolve_weights(source), device)
@@ -170,6 +215,12 @@ def faces_tensor(faces: np.ndarray) -> torch.Tensor:
     return normalize(torch.from_numpy(np.asarray(faces, dtype=np.float32)).permute(0, 3, 1, 2))
 
 
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) RGB -> the same shape, every channel the BT.601 luma (normalised or not)."""
+    luma = torch.einsum("nchw,c->nhw", images, images.new_tensor(LUMA))
+    return luma.unsqueeze(1).expand_as(images).contiguous()
+
+
 @torch.no_grad()
 def classify_aligned(trained: TrainedModel, images: torch.Tensor,
                      landmarks: torch.Tensor | None = None) -> list[FaceResult]:
@@ -179,6 +230,8 @@ def classify_aligned(trained: TrainedModel, images: torch.Tensor,
         raise ValueError("this model cuts its regions at landmarks (model.region_mode=landmark): "
                          "pass the 68 aligned landmarks of every face")
     landmarks = landmarks if trained.uses_landmarks else None
+    if trained.preprocessing.colour == "grey":
+        images = to_grey(images)
     out = trained.net(images, landmarks)
     probs = torch.softmax(out.logits.float(), 1).tolist()
     boxes = (trained.net.region_boxes(images, landmarks) * images.shape[-1]).tolist()

@@ -9,9 +9,9 @@ HELP = "evaluate a trained RAN on a prepared split: table, JSON, confusion-matri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "--checkpoint", dest="model", required=True,
-                        help="model/best.pt or final.pt of a run, a checkpoint folder, a run directory, "
-                             "or a registered model models:/NAME/VERSION")
+    from ranray.commands.predict import MODEL_HELP
+
+    parser.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
     parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument("--data", required=True, help="a prepared dataset (ranray prepare)")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")

@@ -1,8 +1,8 @@
 """`ranray predict`: detect and align every face (dlib), then classify it with a trained RAN and
 show the attention each region got; optionally write the images with boxes and labels.
 
-The model is a file, checkpoint folder or run directory, or a registered MLflow model
-(models:/NAME/VERSION). Every image gets its result or its own message (missing, not an image,
+The model is a file, checkpoint folder or run directory, a registered MLflow model
+(models:/NAME/VERSION), or a shipped model (ranray.pretrained; the default). Every image gets its result or its own message (missing, not an image,
 no face found); the exit status is 0 only when every image gave at least one face.
 """
 
@@ -14,12 +14,13 @@ import sys
 from dataclasses import asdict
 
 HELP = "classify the faces in images with a trained RAN: class, probabilities, attention per region"
-MODEL_HELP = ("model/best.pt or final.pt of a run, a checkpoint folder, a run directory, "
-              "or a registered model models:/NAME/VERSION")
+MODEL_HELP = ("model/best.pt or final.pt of a run, a checkpoint folder, a run directory, a registered "
+              "model models:/NAME/VERSION, or a shipped model's name (ranray models; default: the shipped "
+              "real-FERPlus model)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
+    parser.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
     parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--detector", choices=("hog", "cnn", "given"), default="hog",

@@ -23,7 +23,13 @@ def run(args: argparse.Namespace) -> int:
         except PackageNotFoundError:
             print(f"  {dist} (not installed)")
     from ranray.hardware import describe
+    from ranray.pretrained import DEFAULT_MODEL, SHIPPED
 
     for key, value in describe():
         print(f"  {key}: {value}")
+    figures = SHIPPED[DEFAULT_MODEL].figures
+    print(f"  shipped model: {DEFAULT_MODEL}, FERPlus test {100 * figures['test_accuracy']:.2f}%, "
+          f"Occlusion-FERPlus {100 * figures['test_acc_occlusion']:.2f}%, Pose > 30 "
+          f"{100 * figures['test_acc_pose30']:.2f}%, Pose > 45 {100 * figures['test_acc_pose45']:.2f}% "
+          "(ranray models)")
     return 0
