@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ranray.config import CLASS_NAMES, SUBSETS, ConfigError
 from ranray.tracking import find_runs
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 SUBSET_COLUMNS = tuple(s for s in SUBSETS if s != "all") + ("clean",)
 

@@ -41,7 +41,7 @@ from ranray.tracking import Tracker, resolve_tracking_uri
 from ranray.train.jobs import run_dir_for
 from ranray.train.launch import preflight
 from ranray.train.ray_train import build_trainer, fit_or_explain
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 log = logging.getLogger("ranray.tune")
 

@@ -65,7 +65,7 @@ def resumed_runs(ray_session, tmp_path_factory) -> dict[int, object]:
     used, is resumed from a copy of the run on 1 and on 3 workers."""
     from train_fixtures import learnable_dataset, tiny_config
 
-    from ranray.train.failures import RunFailed
+    from ranray.failures import RunFailed
     from ranray.train.launch import run_training
 
     tmp = tmp_path_factory.mktemp("elastic_ft")

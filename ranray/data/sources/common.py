@@ -59,15 +59,6 @@ class SourceRow:
     detail: str = ""
 
 
-@dataclass
-class SourceRead:
-    """A reader's output: every input row, each either usable or carrying a reject reason."""
-
-    rows: list[SourceRow]
-    class_names: list[str]  # index -> name; for identity sources, the training identities
-    extra: dict = field(default_factory=dict)  # reader-specific manifest entries
-
-
 # Each expression dataset's classes in its own label order: published results use each dataset's
 # own class set (RAF-DB 7-way, AffectNet 7- or 8-way, FERPlus 8-way), so the model's head, the
 # confusion matrices and the per-class tables follow the dataset, not one project-wide list.
