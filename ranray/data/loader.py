@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ranray.config import SUBSETS, AugmentConfig
+from ranray.config import AugmentConfig
 from ranray.data.augment import AugmentParams, HostBatch, sample_augment, transform_landmarks
-from ranray.data.schema import FACE_SIZE, normalize, read_manifest
+from ranray.data.schema import FACE_SIZE, SUBSETS, normalize, read_manifest
 from ranray.data.shards import (BlockReader, RankPlan, Rows, SplitIndex, build_index, ensure_split,
                                 epoch_order, num_batches, plan_rank)
 

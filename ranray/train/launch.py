@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config
+from ranray.data.schema import SUBSET_FLAGS
 from ranray.run_tracker import open_tracker
 from ranray.train.jobs import JOBS, resolve_run_name, resolve_storage_path, run_dir_for
 from ranray.train.protocols import protocol_splits
@@ -219,7 +220,7 @@ def describe(result: TrainingResult) -> list[tuple[str, str]]:
     if "test_accuracy" in m:
         rows.append(("test accuracy", f"{m['test_accuracy']:.4f}"))
     rows += [(f"{k.split('_acc_')[0]} accuracy, {k.split('_acc_')[1]}", f"{v:.4f}") for k, v in m.items()
-             if k.split("_acc_")[-1] in ("occlusion", "pose30", "pose45") and k.startswith(("val_", "test_"))]
+             if k.split("_acc_")[-1] in SUBSET_FLAGS and k.startswith(("val_", "test_"))]
     rows += [("train loss", f"{m.get('train_loss', float('nan')):.4f}"),
              ("throughput", f"{m.get('images_per_s', float('nan')):.1f} images/s"),
              ("time", f"{result.elapsed_s:.0f} s"), ("run dir", str(result.run_dir))]
