@@ -549,12 +549,6 @@ def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> l
     return out
 
 
-def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric, in step order."""
-    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in history)
-
-
 def log_run_artifacts(tracking_uri: str, run_id: str, paths: Iterable[str | os.PathLike],
                       artifact_path: str | None = None) -> None:
     """Add files to a finished run (e.g. a measurement made after training)."""

@@ -15,13 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from mlflow_reads import metric_history
 from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.config import OptimConfig, flatten
 from ranray.data.loader import build_loader
 from ranray.models import build_ran, share_concentration
-from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
+from ranray.tracking import find_runs, list_artifacts, read_local_log
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 from ranray.train.evaluate import evaluate, load_trained_model
 from ranray.train.finetune import FineTune

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from mlflow_reads import metric_history
 from source_readers import read_identity
 from step_hooks import RESHARD_DIR, committed_steps
 
@@ -29,7 +30,6 @@ from ranray.data.schema import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 from ranray.data.synth import SynthOptions, synthesize
 from ranray.models import build_ran, create_model
 from ranray.models.partial_fc import shard_range
-from ranray.tracking import metric_history
 from ranray.train.checkpoint import load_checkpoint
 from ranray.failures import RunFailed
 from ranray.train.launch import run_pretraining

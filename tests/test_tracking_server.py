@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow_reads import metric_history
 from mlflow_server import MlflowServer, StubProxy
 from PIL import Image
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
@@ -28,7 +29,7 @@ from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 from ranray.cli import main
 from ranray.config import TrackingConfig
 from ranray.model_store import MODEL_ARTIFACT, log_best_model
-from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, metric_history, read_local_log,
+from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, read_local_log,
                              synced_log_path)
 from ranray.train.evaluate import evaluate
 from ranray.train.launch import run_training

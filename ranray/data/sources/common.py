@@ -116,10 +116,6 @@ def parse_csv_line(text: str) -> list[str]:
     return next(csv.reader([text]), [])
 
 
-def image_files(folder: Path) -> list[Path]:
-    return [folder / rel for rel in walk_images(folder)]
-
-
 def walk_images(folder: Path, prefix: str = "") -> Iterator[str]:
     """Image files under folder as relative paths, depth first in sorted order; one directory's
     names in memory at a time (an identity set's listing never is)."""
