@@ -32,6 +32,7 @@ from ranray.models.losses import rb_margin_for
 from ranray.models.ran import VARIANTS
 from ranray.train.checkpoint import atomic_write_text, export_model, load_checkpoint
 from ranray.train.engine import Built, Engine, Validation, run_worker
+from ranray.train.jobs import training_tags
 from ranray.model_card import card_path, write_data_card
 from ranray.train.evaluate import TrainedModel, evaluate_loader, plot_split_attention
 from ranray.train.plots import plot_confusion_matrix
@@ -73,9 +74,7 @@ class FineTune:
 
     @property
     def tags(self) -> dict[str, str]:
-        return {"train_subset": self.cfg.data.train_subset, "protocol": self.cfg.protocol,
-                "model_variant": self.cfg.model.variant, "rb_margin": f"{self.rb_margin:g}",
-                "rb_space": self.cfg.loss.rb_space}
+        return {**training_tags(self.cfg), "rb_margin": f"{self.rb_margin:g}", "rb_space": self.cfg.loss.rb_space}
 
     @property
     def use_landmarks(self) -> bool:
