@@ -30,8 +30,8 @@ all faces, mean per-class accuracy, accuracy on clean faces (no flag) and on the
 pose45 subsets; the row also has the training time, faces/s (the last epoch's training throughput of
 all workers), the 1-min load and the epochs. For the region variants, each region's mean share of the
 decision (mu * nu normalised over the regions) on all, clean, occluded and turned test faces
-(ranray.train.occlusion.measure_region_shares, printed per run), the largest of them (near 1: attention
-collapsed onto one region), and whether attention follows occlusion (ranray.train.occlusion: cover
+(bench/_occlusion_probe.py: measure_region_shares, printed per run), the largest of them (near 1: attention
+collapsed onto one region), and whether attention follows occlusion (bench/_occlusion_probe.py: cover
 each region of clean test faces, read its mu again).
 
 Every finished run is appended to <workdir>/runs.jsonl with its identity (variant, seed, epochs, job,
@@ -42,7 +42,7 @@ already there, and --table-only prints the table of those that match the command
 Tables: mean +- std over seeds, gaps to the whole-face baseline paired by seed (mean +- std of the
 per-seed differences). Synthetic: clean / occluded / pose>30 accuracy, the mu change, and "meets"
 (at least 5 points better on occluded faces with the gap above twice its std, no worse on clean
-faces: the bar of issue 16); the demo job's baseline figures also go to bench/occlusion_baseline.json
+faces: the bar of issue 16); the demo job's baseline figures also go to ranray/commands/occlusion_study.json
 for the demo summary. --data: test, mean class, occlusion, pose>30, pose>45 accuracy, the gaps on
 occlusion and pose>30, the largest region share, train s, faces/s; the notes name the dataset
 (manifest source, rows), job, protocol, epochs and seeds. Both are appended to bench/RESULTS.md.
@@ -71,21 +71,23 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import markdown_table, report  # noqa: E402
 
-from ranray.config import TrainConfig, load_config  # noqa: E402
-from ranray.data.synth import SynthOptions  # noqa: E402
+from ranray.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from ranray.data.prepare import PrepareSummary, prepare  # noqa: E402
+from ranray.data.schema import SUBSET_FLAGS, SYNTH_MARKER  # noqa: E402
+from ranray.data.synth import SynthOptions, SynthResult, synthesize  # noqa: E402
 
 if TYPE_CHECKING:
     from ranray.train.launch import TrainingResult
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_JOB = REPO / "jobs" / "demo.yaml"
-BASELINE_JSON = Path(__file__).with_name("occlusion_baseline.json")
+BASELINE_JSON = REPO / "ranray" / "commands" / "occlusion_study.json"  # what `ranray demo` prints beside its figures
 DATA_SEED_OFFSET = 1000  # the study's faces are never the demo's (seed 0) or a test's
 STUDY_OCCLUDERS = ("half_left", "half_right", "mask", "sunglasses")
 BASELINE = "whole_face"
@@ -260,8 +262,6 @@ def synth_options(size: Size, seed: int, args: argparse.Namespace) -> SynthOptio
 
 def prepare_seed(workdir: Path, opts: SynthOptions) -> Path:
     """Synthesize and prepare one seed's set (kept and reused when made with the same options)."""
-    from ranray.data.prepare import prepare_synthetic
-
     raw, out = workdir / f"data{opts.seed}" / "synth", workdir / f"data{opts.seed}" / "prepared"
     made_with = out.parent / "options.json"
     wanted = json.loads(json.dumps(asdict(opts)))
@@ -270,6 +270,26 @@ def prepare_seed(workdir: Path, opts: SynthOptions) -> Path:
     print(prepare_synthetic(raw, out, opts, overwrite=True).line(), flush=True)
     made_with.write_text(json.dumps(wanted))
     return out
+
+
+def prepare_synthetic(raw_dir: str | Path, out_dir: str | Path, options: SynthOptions | None = None,
+                      **overrides: Any) -> PrepareSummary:
+    """Synthesize a dataset into raw_dir (kept if already there with the same options), then prepare it.
+
+    `overrides` are PrepareConfig fields (num_workers, overwrite, label_mode, ...).
+    """
+    opts = options or SynthOptions()
+    raw = Path(raw_dir)
+    info = raw / SYNTH_MARKER
+    if info.is_file():
+        kept = json.loads(info.read_text())
+        if kept["options"] != json.loads(json.dumps(asdict(opts))):
+            raise ConfigError(f"{raw} holds a synthetic dataset made with other options; use another folder")
+        lists = {k: str(raw / f"{k}_list.txt") for k in SUBSET_FLAGS}
+        result = SynthResult(root=raw, options=opts, counts=kept["counts"], subset_lists=lists)
+    else:
+        result = synthesize(raw, opts)
+    return prepare(result.prepare_config(out_dir, **overrides))
 
 
 def seed_data(args: argparse.Namespace, size: Size, workdir: Path) -> dict[int, Path]:
@@ -348,7 +368,7 @@ def test_accuracies(model: Path, cfg: TrainConfig, run_dir: Path) -> dict:
 
 def region_attention(model: Path, cfg: TrainConfig, result: TrainingResult, attention_faces: int) -> dict:
     """Each region's mean share of the decision per subset (printed), and the covered region's mu change."""
-    from ranray.train.occlusion import report_trained, shares_trained
+    from _occlusion_probe import report_trained, shares_trained
 
     shares = shares_trained(model, cfg.data.dir, cfg.data.test_split)
     print(f"[occlusion] {cfg.run.name}: mean share of the decision per region (mu * nu normalised), "
@@ -450,7 +470,7 @@ def real_table(runs: dict[tuple[str, int], dict], study: Study) -> tuple[list[st
 def share_table(runs: dict[tuple[str, int], dict], study: Study) -> tuple[list[str], list[list]]:
     """Each region's share of the decision (mu * nu normalised), mean +- std over seeds, per variant
     with regions and per test subset: where the attention goes on clean, occluded and turned faces."""
-    from ranray.train.occlusion import SHARE_SUBSETS
+    from _occlusion_probe import SHARE_SUBSETS
 
     regions: list[str] = []
     rows = []

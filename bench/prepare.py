@@ -30,18 +30,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# RecordIO inputs are written with the tests' writer (ranray itself only reads the format).
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from _results import report  # noqa: E402
+from recordio_writers import write_sorted_recordio  # noqa: E402
 
 from ranray.config import PrepareConfig  # noqa: E402
 from ranray.data.prepare import align_options, prepare  # noqa: E402
 from ranray.data.prepare_worker import DlibFaces  # noqa: E402
-from ranray.data.sources import READERS  # noqa: E402
+from ranray.data.sources import PLANNERS  # noqa: E402
 from ranray.data.sources.common import SPLIT_NAMES  # noqa: E402
-from ranray.data.sources.recordio import write_sorted_recordio  # noqa: E402
+from ranray.data.sources.lines import plan_rows  # noqa: E402
 from ranray.data.synth import SynthOptions, synthesize  # noqa: E402
 
 # A driver in a fresh process: its own peak RSS is what `ranray prepare` costs the machine it runs on.
@@ -133,7 +136,7 @@ def part_align(tmp: Path, n: int, cpus: int, repeats: int) -> None:
     minute to the next); the table gives the median of each."""
     raw = synthesize(tmp / "fer", SynthOptions(n=n, seed=0, non_face_frac=0.0))
     cfg = raw.prepare_config(tmp / "unused")
-    rows = [vars(r) for r in READERS[cfg.source](cfg).rows if not r.reason]
+    rows = [vars(r) for r in plan_rows(PLANNERS[cfg.source](cfg, tmp)) if not r.reason]
     faces = DlibFaces(align_options(cfg), cfg.jpeg_quality)  # loading not timed
     counts = sorted({1, cpus})
     plain: list[float] = []

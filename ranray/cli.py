@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ranray.train.failures import RunFailed
+    from ranray.failures import RunFailed
 
     try:
         return int(args._run(args) or 0)

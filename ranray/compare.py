@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ranray.config import CLASS_NAMES, SUBSETS, ConfigError
+from ranray.config import CLASS_NAMES, ConfigError
+from ranray.data.schema import SUBSETS
 from ranray.tracking import find_runs
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 SUBSET_COLUMNS = tuple(s for s in SUBSETS if s != "all") + ("clean",)
 

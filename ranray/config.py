@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
+from ranray.data.schema import SUBSETS
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -25,7 +27,6 @@ T = TypeVar("T")
 CLASS_NAMES: tuple[str, ...] = (
     "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
 )
-SUBSETS = ("all", "occlusion", "pose30", "pose45")
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    train_subset: Literal["all", "occlusion", "pose30", "pose45"] = "all"
+    train_subset: Literal[SUBSETS] = "all"
     loader: Literal["dali", "torch"] = "dali"
     num_threads: int = 2
     # auto: NHWC where it is fast and safe (ranray.hardware: CUDA, CPUs off oneDNN's AVX-512 path)
@@ -458,7 +459,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
         raw = loaded
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     cfg = from_dict(cls, raw)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
@@ -476,7 +477,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, yaml.safe_load(text) if text.strip() else ""
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -521,7 +522,7 @@ def _renamed(cls: type, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
             raise ConfigError(f"config keys '{prefix}{old}' and '{prefix}{new}' are both set; "
                               f"'{prefix}{old}' is the old name of '{prefix}{new}', keep only that")
         log.warning("config key '%s%s' is now '%s%s'", prefix, old, prefix, new)
-        _set_dotted(raw, new, value)
+        set_dotted(raw, new, value)
     return raw
 
 

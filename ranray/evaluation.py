@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ranray.config import CLASS_NAMES
-from ranray.data.schema import SUBSET_FLAGS
+from ranray.data.schema import SUBSET_FLAGS, SUBSET_MASK
 from ranray.inference import TrainedModel, load_trained_model, region_names, to_grey
 from ranray.pretrained import is_shipped
 from ranray.models import RegionAttentionNetwork
@@ -33,7 +33,6 @@ from ranray.train.metrics import EvalAccumulator, EvalResult
 from ranray.train.optim import PRECISIONS
 
 PROGRESS_STREAMS = {True: lambda: sys.stderr, False: lambda: None}  # evaluate(progress=...): else a stream
-SUBSET_MASK = sum(SUBSET_FLAGS.values())  # "clean" rows: no occlusion and no large pose
 
 
 @dataclass
@@ -62,7 +61,7 @@ class EvalReport:
         rows += [(f"  {name}", self.metrics.get(f"{pre}acc_{name}", math.nan), int(n))
                  for name, n in zip(self.class_names, support)]
         rows += [(f"subset {s}", self.metrics[f"{pre}acc_{s}"], None)
-                 for s in ("occlusion", "pose30", "pose45") if f"{pre}acc_{s}" in self.metrics]
+                 for s in SUBSET_FLAGS if f"{pre}acc_{s}" in self.metrics]
         lines = [f"{self.split} split of {self.data_dir} with {self.checkpoint}", f"  {'':<18}{'accuracy':>9}{'rows':>7}"]
         lines += [f"  {name:<18}{acc:>9.4f}{'' if n is None else n:>7}" for name, acc, n in rows]
         return "\n".join(lines)

@@ -36,7 +36,7 @@ from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.models.ran import LANDMARK_GROUPS
 from ranray.pretrained import DEFAULT_MODEL, SHIPPED
 from ranray.train.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, manifest_path, resolve_state_file
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 
 @dataclass

@@ -6,14 +6,13 @@
     RUN_DIR/tracking.json   the MLflow run of the directory (run_id, tracking_uri, experiment,
                             run_name), so a re-run of the same job logs into the same run
 
-`open_tracker(config, run_dir)` is how training gets its tracker: MLflow's `Tracker` where mlflow
-can be imported, else (one warning) a `JournalTracker`: the same calls, every record to
-metrics.jsonl under a `local-...` run id, which a sync creates in the store. No MLflow here.
+`JournalTracker`: the tracker of a process without mlflow (ranray.run_tracker picks it): the same
+calls as ranray.tracking.Tracker, every record to metrics.jsonl under a `local-...` run id, which a
+sync creates in the store. No MLflow here.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 log = logging.getLogger("ranray.tracking")
 
@@ -183,22 +182,3 @@ class JournalTracker(RunScope):
         if self.run_id is None:
             raise RuntimeError("JournalTracker.start() must be called before logging")
         append_record(self.local_log, self.run_id, kind, data, step)
-
-
-@functools.cache
-def tracker_class() -> type:
-    """MLflow's Tracker (ranray.tracking) when mlflow imports, else JournalTracker (warned once)."""
-    try:
-        from ranray.tracking import Tracker  # mlflow is optional: a torch-only host trains without it
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").startswith("ranray"):
-            raise  # our own import is broken: a bug, not a missing library
-        log.warning("%s cannot be imported: tracking goes to RUN_DIR/metrics.jsonl (push it later with "
-                    "`ranray track sync RUN_DIR`)", exc.name)
-        return JournalTracker
-    return Tracker
-
-
-def open_tracker(config: Any, run_dir: str | os.PathLike) -> Any:
-    """The tracker of a run directory: see tracker_class."""
-    return tracker_class()(config, run_dir)

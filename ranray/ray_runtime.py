@@ -8,19 +8,19 @@
   OpenMP's default of one thread per core oversubscribes a small machine.
 
 Either way the driver's stream of worker output loses Ray Train's failure dumps
-(ranray.train.failures.quiet_controller_dumps): a failed run ends in one line instead.
+(ranray.failures.quiet_controller_dumps): a failed run ends in one line instead.
 """
 
 from __future__ import annotations
 
 import os
 
+from ranray.failures import quiet_controller_dumps
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Use the Ray this process is connected to, else RAY_ADDRESS's cluster, else a local one."""
     import ray
-
-    from ranray.train.failures import quiet_controller_dumps
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):

@@ -11,12 +11,12 @@ The run directory must be local (or a shared file system): a sqlite store cannot
 
 Tracking never stops training: a server that does not answer at start, or calls that keep
 failing (gone, HTTP 500, HTTP 401), give one warning and from then on params / metrics / tags /
-artifacts go to the run directory's `metrics.jsonl` (ranray.train.run_dir names every file).
+artifacts go to the run directory's `metrics.jsonl` (ranray.run_dir names every file).
 Those records are pushed to the store afterwards, by `sync_run_dir` (`ranray track sync RUN_DIR`),
 and automatically when the run's owner ends it and the store answers again. A replay is
 idempotent (metrics keep their original timestamps), so a sync that fails part-way can be repeated.
 The records' files, and the tracker of a process where mlflow is not installed, are
-ranray.journal's (no MLflow there); training gets its tracker from journal.open_tracker.
+ranray.journal's (no MLflow there); training gets its tracker from run_tracker.open_tracker.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
                                      MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
 
-from ranray.journal import (STATUSES, RunScope, append_record, read_local_log,  # noqa: F401
+from ranray.journal import (RunScope, append_record, read_local_log,  # noqa: F401
                             read_run_record, resolve_tracking_uri, write_run_record)
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -547,12 +547,6 @@ def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> l
     for info in client.list_artifacts(run_id, path):
         out.extend(list_artifacts(tracking_uri, run_id, info.path) if info.is_dir else [info.path])
     return out
-
-
-def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric, in step order."""
-    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in history)
 
 
 def log_run_artifacts(tracking_uri: str, run_id: str, paths: Iterable[str | os.PathLike],

@@ -35,13 +35,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ranray.config import (ConfigError, SearchSpaceConfig, TrackingConfig, TrainConfig, TuneConfig, flatten,
-                           from_dict, load_config, save_config, to_dict)
+                           from_dict, load_config, save_config, set_dotted, to_dict)
 from ranray.ray_runtime import ensure_ray
+from ranray.run_dir import RunDir
 from ranray.tracking import Tracker, resolve_tracking_uri
 from ranray.train.jobs import run_dir_for
 from ranray.train.launch import preflight
 from ranray.train.ray_train import build_trainer, fit_or_explain
-from ranray.train.run_dir import RunDir
 
 log = logging.getLogger("ranray.tune")
 
@@ -102,19 +102,12 @@ def apply_params(base: TrainConfig, params: dict[str, Any], extra: dict[str, Any
     """`base` with the searched values and `extra` (dotted TrainConfig keys) set, validated."""
     raw = to_dict(base)
     for name, value in params.items():
-        _set_dotted(raw, KNOBS[name].train_key, _plain(value))
+        set_dotted(raw, KNOBS[name].train_key, _plain(value))
     for key, value in (extra or {}).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     cfg = from_dict(TrainConfig, raw)
     cfg.validate()
     return cfg
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        raw = raw[part]
-    raw[leaf] = value
 
 
 def _plain(value: Any) -> Any:
@@ -289,6 +282,9 @@ def run_trial(params: dict[str, Any], plan: SearchPlan, parent_run_id: str) -> N
     env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     fit = _fit_trial.options(runtime_env=env).remote(cfg, TuneReportCallback(), run.run_id)
     ray.get(fit)
+    best = RunDir(trial_run_dir(plan, trial_id)).best_model
+    if best.is_file():  # logged here, as ranray.train.launch does: no worker imports MLflow's pyfunc
+        run.log_model(best, cfg)
 
 
 @ray.remote(num_cpus=0, max_retries=0)  # owned by the trial: killed with it when ASHA stops the trial

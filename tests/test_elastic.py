@@ -65,7 +65,7 @@ def resumed_runs(ray_session, tmp_path_factory) -> dict[int, object]:
     used, is resumed from a copy of the run on 1 and on 3 workers."""
     from train_fixtures import learnable_dataset, tiny_config
 
-    from ranray.train.failures import RunFailed
+    from ranray.failures import RunFailed
     from ranray.train.launch import run_training
 
     tmp = tmp_path_factory.mktemp("elastic_ft")
@@ -101,7 +101,7 @@ def test_every_sample_of_the_interrupted_epoch_is_used_once_over_both_world_size
 @pytest.mark.parametrize("workers", [1, 3])
 def test_the_lr_schedule_goes_on_from_the_epoch_position(resumed_runs, workers):
     from ranray.config import OptimConfig
-    from ranray.tracking import metric_history
+    from mlflow_reads import metric_history
     from ranray.train.optim import lr_factor
 
     result = resumed_runs[workers]

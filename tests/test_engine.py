@@ -11,7 +11,7 @@ import torch
 from ranray.config import ConfigError, TrainConfig
 from ranray.train.engine import Engine, apply_gradients, load_hooks, read_loss
 from ranray.train.optim import PRECISIONS
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 
 def engine(tmp_path) -> Engine:

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from source_readers import read_ferplus
 
 from ranray.config import ConfigError, PrepareConfig, load_config
 from ranray.data.prepare import align_template, prepare
 from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SYNTH_MARKER, read_manifest
 from ranray.data.sources import SourceError, mark_subsets
-from ranray.data.sources.ferplus import read_ferplus
 from ranray.data.sources.ferplus_folders import FOLDER_SPLITS
 from ranray.data.sources.subsets import canonical, load_list
 from ranray.model_card import describe_training_data

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from mlflow_reads import metric_history
 from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
@@ -23,7 +24,7 @@ from ranray.data.loader import build_loader
 from ranray.evaluation import evaluate
 from ranray.inference import load_trained_model
 from ranray.models import build_ran, share_concentration
-from ranray.tracking import find_runs, list_artifacts, metric_history, read_local_log
+from ranray.tracking import find_runs, list_artifacts, read_local_log
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint
 from ranray.train.finetune import FineTune
 from ranray.train.launch import run_training

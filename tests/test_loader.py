@@ -19,7 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ranray.config import AugmentConfig
-from ranray.data.loader import FLIP_68, build_loader
+from ranray.data.augment import FLIP_68
+from ranray.data.loader import build_loader
 from ranray.data.schema import (FACE_SIZE, FLAG_OCCLUSION, NUM_LANDMARKS, PIXEL_MEAN, PIXEL_STD, denormalize,
                                 normalize, shard_paths)
 from ranray.data.shards import num_batches, plan_rank

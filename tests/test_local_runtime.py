@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow_reads import metric_history
 from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
@@ -23,7 +24,6 @@ from ranray.cli import main
 from ranray.config import ConfigError, save_config
 from ranray.inference import load_trained_model
 from ranray.journal import read_local_log
-from ranray.tracking import metric_history
 from ranray.train.checkpoint import STATE_FILE, load_checkpoint, verify_checkpoint
 from ranray.train.launch import run_training
 

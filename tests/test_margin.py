@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from margin_presets import margin_preset
 
 from ranray.config import MarginConfig
-from ranray.models.margin import COS_EPS, CombinedMarginLoss, margin_preset, margin_target_cos
+from ranray.models.margin import COS_EPS, CombinedMarginLoss, margin_target_cos
 
 
 def test_arcface_target_logit_matches_hand_computation():

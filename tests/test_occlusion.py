@@ -1,4 +1,4 @@
-"""Attention vs occlusion (ranray.train.occlusion): covering a region lowers its self-attention weight;
+"""Attention vs occlusion (bench/_occlusion_probe.py, the occlusion study's probe): covering a region lowers its self-attention weight;
 each region's share of the decision per subset; and the occlusion study (bench/occlusion.py) end to end.
 
 Two models: a hand-built RAN whose mu is known (a backbone that reports each crop's contrast, an
@@ -28,16 +28,16 @@ from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
 
 from ranray.config import ModelConfig, save_config
 from ranray.data.loader import build_loader
-from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45
-from ranray.evaluation import SUBSET_MASK
+from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SUBSET_MASK
 from ranray.models.ran import RegionAttentionNetwork
 from ranray.tracking import list_artifacts
 from ranray.train.metrics import mean_class_accuracy, per_class_from_confusion
-from ranray.train.occlusion import (SHARE_SUBSETS, cover_box, measure_attention_shift, measure_region_shares,
-                                    measure_trained, report_trained)
 from ranray.train.plots import region_shares
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "occlusion.py"
+sys.path.insert(0, str(BENCH.parent))  # the probe is the study's own module, not the package's
+from _occlusion_probe import (SHARE_SUBSETS, cover_box, measure_attention_shift,  # noqa: E402
+                              measure_region_shares, measure_trained, report_trained)
 
 
 class ContrastBackbone(nn.Module):

@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from margin_presets import margin_preset
 
 from ranray.config import MarginConfig
-from ranray.models.margin import CombinedMarginLoss, margin_preset
+from ranray.models.margin import CombinedMarginLoss
 from ranray.models.partial_fc import (
     PartialFC, PartialFCAdamW, PartialFCSGD, make_optimizer, max_sample_rate, memory_estimate,
-    memory_table_markdown, overlapping_ranks, reshard_optimizer_state, reshard_rows, sample_count, shard_range,
+    overlapping_ranks, reshard_optimizer_state, reshard_rows, sample_count, shard_range,
 )
 
 WORLD = 2
@@ -336,6 +337,40 @@ def test_memory_grows_with_rate_and_plain_fc_holds_everything():
     assert plain.weights == plain.dense_grad == 2_000_000 * 512 * 4
     assert max_sample_rate(80 * 2**30, 2_000_000, 512, 64, 128) == 1.0
     assert 0 < max_sample_rate(60 * 10**9, 100_000_000, 512, 64, 128) < 1.0
+
+
+# docs/SCALING.md's Partial FC memory table, generated here and kept equal to the doc by the test below
+# (print(memory_table_markdown()) to regenerate it).
+GPU_BYTES = 80 * 10**9  # an "80 GB" card (A100 / H100 80GB: 80 GiB would be 85.9e9)
+BACKBONE_RESERVE_BYTES = 20 * 10**9  # iResNet-50 at 128 images/GPU: see docs/SCALING.md
+TABLE_CASES = (  # (classes, nodes, gpus per node, sample rate or None for plain data parallel)
+    (2_000_000, 8, 8, None), (2_000_000, 8, 8, 1.0), (2_000_000, 8, 8, 0.1),
+    (2_000_000, 1, 8, None), (2_000_000, 1, 8, 1.0), (2_000_000, 1, 8, 0.1),
+    (10_000_000, 1, 8, None), (10_000_000, 1, 8, 1.0), (10_000_000, 1, 8, 0.1),
+    (100_000_000, 8, 8, 1.0), (100_000_000, 8, 8, 0.1),
+)
+
+
+def memory_table_markdown(embedding_size: int = 512, batch_per_rank: int = 128) -> str:
+    def gb(x: int) -> str:
+        return f"{x / 1e9:.2f}"
+
+    head_budget = GPU_BYTES - BACKBONE_RESERVE_BYTES
+    lines = ["| classes | GPUs | head | classes/GPU | sampled/GPU | global batch | weights + momentum GB "
+             "| sampled centres GB | embeddings GB | logits GB | dense grad GB | head total GB "
+             "| fits 80 GB | largest r that fits |",
+             "|" + "---|" * 14]
+    for classes, nodes, gpus, rate in TABLE_CASES:
+        world = nodes * gpus
+        est = memory_estimate(classes, embedding_size, world, batch_per_rank, rate or 1.0, rate is not None)
+        largest = "-" if rate is None else f"{max_sample_rate(head_budget, classes, embedding_size, world, batch_per_rank):g}"
+        lines.append(
+            f"| {classes / 1e6:g}M | {nodes}x{gpus} | {'plain DP' if rate is None else f'PFC r={rate:g}'} "
+            f"| {est.classes_per_rank:,} | {est.sampled_per_rank:,} | {est.global_batch:,} "
+            f"| {gb(est.weights + est.momentum)} | {gb(est.sampled_centres)} | {gb(est.embeddings)} "
+            f"| {gb(est.logits)} | {gb(est.dense_grad)} | {gb(est.total)} "
+            f"| {'yes' if est.total <= head_budget else 'no'} | {largest} |")
+    return "\n".join(lines) + "\n"
 
 
 def test_scaling_doc_table_is_the_generated_one():

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from recordio_writers import write_identity_recordio
 
 from ranray import cli
 from ranray.config import CLASS_NAMES, ConfigError
 from ranray.data.prepare import check_output
 from ranray.data.schema import FACE_SIZE, FLAG_OCCLUSION, REJECT_SCHEMA, SHARD_SCHEMA, read_manifest, shard_paths
-from ranray.data.sources.recordio import write_identity_recordio
 from ranray.data.synth import SynthOptions, synthesize
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+from recordio_writers import write_identity_recordio, write_sorted_recordio
 
 from ranray import cli
 from ranray.data.schema import read_manifest, shard_paths
-from ranray.data.sources.recordio import write_identity_recordio, write_sorted_recordio
 from ranray.data.synth import SynthOptions, synthesize
 
 

@@ -20,21 +20,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from mlflow_reads import metric_history
+from source_readers import read_identity
 from step_hooks import RESHARD_DIR, committed_steps
 
 from ranray.cli import main as cli_main
 from ranray.config import ConfigError, ModelConfig, PretrainConfig, load_config
 from ranray.data.schema import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
-from ranray.data.sources.identity import read_identity
 from ranray.data.synth import SynthOptions, synthesize
 from ranray.models import build_ran, create_model
 from ranray.models.partial_fc import shard_range
-from ranray.tracking import metric_history
 from ranray.train.checkpoint import load_checkpoint
-from ranray.train.failures import RunFailed
+from ranray.failures import RunFailed
 from ranray.train.launch import run_pretraining
 from ranray.train.pretrain import preflight
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "pretrain_r50.yaml"
 IDENTITIES, PER_IDENTITY = 30, 8  # 24 train identities (192 images), 6 held out for 200 pairs

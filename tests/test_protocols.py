@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow_reads import metric_history
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
 
 from ranray.config import ConfigError, ModelConfig, load_config, TrainConfig
 from ranray.data.schema import DatasetError, shard_paths
 from ranray.models import RegionAttentionNetwork, build_ran
 from ranray.cli import main
-from ranray.tracking import find_runs, list_artifacts, metric_history
+from ranray.tracking import find_runs, list_artifacts
 from ranray.train.launch import describe, run_training
 from ranray.train.protocols import protocol_splits
 

@@ -9,11 +9,10 @@ import struct
 import numpy as np
 import pytest
 from PIL import Image
+from recordio_writers import RecordIOWriter, pack, write_identity_recordio, write_record
 
-from ranray.data.sources.recordio import (
-    IR_SIZE, MAGIC, IRHeader, RecordIOError, RecordIOReader, RecordIOWriter, pack, read_record, read_record_at,
-    record_label, unpack, write_identity_recordio, write_record,
-)
+from ranray.data.sources.recordio import (IR_SIZE, MAGIC, IRHeader, RecordIOError, RecordIOReader, read_record,
+                                          read_record_at, record_label, unpack)
 
 
 def _jpeg(seed: int) -> bytes:

@@ -12,18 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from recordio_writers import RecordIOWriter, pack, write_identity_recordio
+from source_readers import (read_affectnet, read_ferplus, read_identity, read_imagefolder, read_rafdb, read_recordio,
+                            read_source)
 
 from ranray.config import CLASS_NAMES, PrepareConfig
 from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30
-from ranray.data.sources import READERS, SourceError, mark_subsets
-from ranray.data.sources.affectnet import read_affectnet
+from ranray.data.sources import SourceError, mark_subsets
 from ranray.data.sources.common import IMAGE_RECORD
-from ranray.data.sources.ferplus import VOTE_COLUMNS, ferplus_target, read_ferplus
-from ranray.data.sources.identity import read_identity
-from ranray.data.sources.imagefolder import read_imagefolder
-from ranray.data.sources.rafdb import read_rafdb
-from ranray.data.sources.recordio import IRHeader, RecordIOWriter, pack, write_identity_recordio
-from ranray.data.sources.recordio_source import read_recordio
+from ranray.data.sources.ferplus_labels import VOTE_COLUMNS, ferplus_target
+from ranray.data.sources.recordio import IRHeader
 
 N, H, SU, SA, AN, DI, FE, CO, UNK, NF = range(10)
 
@@ -224,7 +222,7 @@ def test_affectnet_missing_column_names_the_file(tmp_path):
     path = write_affectnet(tmp_path / "an", [])
     path.write_text("subDirectory_filePath,face_x,expression\n1/a.jpg,1,2\n")
     with pytest.raises(SourceError, match=r"validation\.csv: missing column"):
-        READERS["affectnet"](PrepareConfig(source="affectnet", inputs=[str(path)], out="x"))
+        read_source(PrepareConfig(source="affectnet", inputs=[str(path)], out="x"))
 
 
 def _png(path: Path) -> None:
@@ -302,7 +300,7 @@ def test_recordio_rows_come_from_headers_with_offsets(tmp_path):
             w.write_idx(key, pack(IRHeader(0, label), b"image-%d" % key))
     with (tmp_path / "extra.idx").open("a") as idx:
         idx.write("12\t999999\n")  # past the end of extra.rec
-    read = READERS["recordio"](PrepareConfig(source="recordio", inputs=[str(tmp_path / "ms1m"),
+    read = read_source(PrepareConfig(source="recordio", inputs=[str(tmp_path / "ms1m"),
                                                                         str(tmp_path / "extra.rec")], out="x"))
     rows = {r.key: r for r in read.rows}
     assert {k: r.label for k, r in rows.items() if not r.reason} == {

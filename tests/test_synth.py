@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from source_readers import read_ferplus, read_source
 
 from ranray import cli
 from ranray.config import CLASS_NAMES
-from ranray.data.sources import READERS
-from ranray.data.sources.ferplus import read_ferplus
 from ranray.data.synth import SynthOptions, synthesize
 
 
@@ -56,7 +55,7 @@ def test_same_options_same_bytes_other_seed_other_faces(tmp_path):
 
 def test_image_folder_and_wild_variants(tmp_path):
     res = synthesize(tmp_path / "f", SynthOptions(n=16, seed=1, format="imagefolder"))
-    rows = READERS["imagefolder"](res.prepare_config(tmp_path / "out")).rows
+    rows = read_source(res.prepare_config(tmp_path / "out")).rows
     assert len(rows) == 16 and {r.split for r in rows} == {"train", "val", "test"}
     with Image.open(rows[0].path) as img:
         assert img.size == (112, 112) and img.mode == "RGB"
@@ -69,7 +68,7 @@ def test_image_folder_and_wild_variants(tmp_path):
 
 def test_identity_folder_with_verification_pairs(tmp_path):
     res = synthesize(tmp_path / "ids", SynthOptions(n=48, seed=2, format="identity", per_identity=6, pairs=20))
-    read = READERS["identity"](res.prepare_config(tmp_path / "out"))
+    read = read_source(res.prepare_config(tmp_path / "out"))
     by_key = {r.key: r for r in read.rows}
     assert len(read.rows) == 48 and res.counts == {"train": 36, "val": 12}
     pairs = [line.split() for line in (res.root / "pairs.txt").read_text().splitlines()]

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow_reads import metric_history
 
 from ranray.config import TrackingConfig, TrainConfig, flatten
-from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, metric_history, read_local_log,
+from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, read_local_log,
                              resolve_tracking_uri, ui_command)
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow_reads import metric_history
 from mlflow_server import MlflowServer, StubProxy
 from PIL import Image
 from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
@@ -31,7 +32,7 @@ from ranray.config import TrackingConfig
 from ranray.evaluation import evaluate
 from ranray.inference import load_trained_model
 from ranray.model_store import MODEL_ARTIFACT, log_best_model
-from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, metric_history, read_local_log,
+from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, read_local_log,
                              synced_log_path)
 from ranray.train.launch import run_training
 

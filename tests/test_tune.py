@@ -270,6 +270,8 @@ def test_asha_stops_bad_trials_and_keeps_the_best_among_the_good(ray_session, tm
         assert child["status"] == {FINISHED: "FINISHED", STOPPED_EARLY: "KILLED"}[row.status]
         assert float(child["params"]["lr"]) == pytest.approx(row.params["lr"])
         assert "val_accuracy" in child["metrics"]
+        if row.status == FINISHED:  # its driver logged the best model as an MLflow model
+            assert "ran_model/MLmodel" in list_artifacts(result.tracking_uri, child["run_id"])
     assert {"trials.csv", "best_config.yaml", "accuracy_vs_params.png"} <= set(
         list_artifacts(result.tracking_uri, result.parent_run_id))
 

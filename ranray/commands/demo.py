@@ -85,8 +85,9 @@ def prepare_data(workdir: Path, args: argparse.Namespace, times: dict[str, float
     print(summary_line)
 
 
-# What region attention buys, measured by bench/occlusion.py (docs/OCCLUSION.md); in a source checkout.
-OCCLUSION_STUDY = Path(__file__).resolve().parents[2] / "bench" / "occlusion_baseline.json"
+# What region attention buys on the demo's job: bench/occlusion.py's figures (docs/OCCLUSION.md), which
+# that study writes here when it runs the demo job unchanged; shipped with the package.
+OCCLUSION_STUDY = Path(__file__).with_name("occlusion_study.json")
 
 
 def occlusion_study_line() -> str:

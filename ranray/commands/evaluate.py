@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ranray.data.schema import SUBSETS
+
 HELP = "evaluate a trained RAN on a prepared split: table, JSON, confusion-matrix PNG"
 
 
@@ -15,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument("--data", required=True, help="a prepared dataset (ranray prepare)")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
-    parser.add_argument("--subset", default="all", choices=("all", "occlusion", "pose30", "pose45"),
+    parser.add_argument("--subset", default="all", choices=SUBSETS,
                         help="only rows with this flag")
     parser.add_argument("--out", help="output folder (default: eval_<split> beside the weights, "
                                       "./eval_<split> for a registered model)")

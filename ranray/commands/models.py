@@ -13,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ranray.data.schema import SUBSET_FLAGS
     from ranray.inference import load_trained_model
     from ranray.model_card import describe
     from ranray.pretrained import DEFAULT_MODEL, SHIPPED
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                 ("protocol", card["protocol"]),
                 ("test accuracy", _percent(figures, "test_accuracy") + f" of {figures['test_samples']:.0f} faces"),
                 ("occlusion / pose>30 / pose>45", " / ".join(_percent(figures, f"test_acc_{s}")
-                                                             for s in ("occlusion", "pose30", "pose45"))),
+                                                             for s in SUBSET_FLAGS)),
                 ("training", f"{card['training']['seconds']} s: {card['training']['command']}"),
                 *trained.preprocessing.rows()]
         for key, value in rows:

@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,10 +34,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from ranray.data.augment import HostBatch
 from ranray.data.schema import FACE_SIZE, PIXEL_MEAN, PIXEL_STD
-
-if TYPE_CHECKING:
-    from ranray.data.loader import HostBatch
 
 log = logging.getLogger("ranray.data.loader")
 
@@ -66,7 +63,7 @@ class DaliSpec:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
 
-def _augment_inputs(host: "HostBatch") -> tuple[np.ndarray, ...]:
+def _augment_inputs(host: HostBatch) -> tuple[np.ndarray, ...]:
     """Per-sample argument inputs, in the order `_augment_graph` unpacks them.
 
     Each is one dense array with the batch as its first axis: external_source then takes it in one
@@ -100,10 +97,10 @@ def _augment_graph(images, inputs):
 class _Feeder:
     """The external_source callback: next host batch -> DALI inputs; remembers what is in flight."""
 
-    def __init__(self, batches: Iterator["HostBatch"], augment: bool):
+    def __init__(self, batches: Iterator[HostBatch], augment: bool):
         self.batches = batches
         self.augment = augment
-        self.in_flight: deque["HostBatch"] = deque()
+        self.in_flight: deque[HostBatch] = deque()
         self.error: BaseException | None = None
 
     def __call__(self):
@@ -122,7 +119,7 @@ class _Feeder:
 class DaliRunner:
     """Runs host batches through a DALI pipeline; `fallback(i)` redoes batch i on the torch path."""
 
-    def __init__(self, spec: DaliSpec, fallback: Callable[[int], tuple["HostBatch", torch.Tensor]]):
+    def __init__(self, spec: DaliSpec, fallback: Callable[[int], tuple[HostBatch, torch.Tensor]]):
         self.spec = spec
         self.fallback = fallback
 
@@ -144,9 +141,9 @@ class DaliRunner:
         pipe.build()
         return pipe
 
-    def run(self, batches: Iterable["HostBatch"]) -> Iterator[tuple["HostBatch", torch.Tensor]]:
+    def run(self, batches: Iterable[HostBatch]) -> Iterator[tuple[HostBatch, torch.Tensor]]:
         """(host batch, images on the device) for every batch, in order, DALI failures redone by fallback."""
-        remaining: Iterator["HostBatch"] = iter(batches)
+        remaining: Iterator[HostBatch] = iter(batches)
         while True:
             feeder = _Feeder(remaining, self.spec.augment)
             pipe = self.build(feeder)

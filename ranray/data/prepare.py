@@ -27,7 +27,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,12 +36,11 @@ import pyarrow.parquet as pq
 from ranray.config import ConfigError, PrepareConfig, to_dict
 from ranray.data.align import AlignOptions
 from ranray.data.prepare_worker import BlockJob, BlockPreparer, reject_record, task_rows
-from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, SUBSET_FLAGS, SYNTH_MARKER, synthetic_inputs
+from ranray.data.schema import FACE_SIZE, REJECT_SCHEMA, SCHEMA_VERSION, synthetic_inputs
 from ranray.data.shards import MARKERS, REJECT_PARTS, OutputLocation, read_marker, read_markers, write_task_output
 from ranray.data.sources import PLANNERS, SourcePlan
 from ranray.data.sources.lines import cut
 from ranray.data.sources.subsets import load_list, subset_report
-from ranray.data.synth import SynthOptions, SynthResult, synthesize
 from ranray.ray_runtime import ensure_ray
 
 log = logging.getLogger("ranray.prepare")
@@ -113,28 +112,6 @@ def prepare(cfg: PrepareConfig, progress: Callable[[str], None] | None = None) -
     work.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
     commit_output(work, out, cfg.overwrite)
     return _summary(Path(cfg.out), manifest)
-
-
-def prepare_synthetic(raw_dir: str | Path, out_dir: str | Path, options: SynthOptions | None = None,
-                      **overrides: Any) -> PrepareSummary:
-    """Synthesize a dataset into raw_dir (kept if already there with the same options), then prepare it.
-
-    The one call the demo and tests need, e.g.
-        prepare_synthetic("runs/demo/raw", "runs/demo/data", SynthOptions(n=2000, seed=0), num_workers=2)
-    `overrides` are PrepareConfig fields (num_workers, overwrite, label_mode, ...).
-    """
-    opts = options or SynthOptions()
-    raw = Path(raw_dir)
-    info = raw / SYNTH_MARKER
-    if info.is_file():
-        kept = json.loads(info.read_text())
-        if kept["options"] != json.loads(json.dumps(asdict(opts))):
-            raise ConfigError(f"{raw} holds a synthetic dataset made with other options; use another folder")
-        lists = {k: str(raw / f"{k}_list.txt") for k in SUBSET_FLAGS}
-        result = SynthResult(root=raw, options=opts, counts=kept["counts"], subset_lists=lists)
-    else:
-        result = synthesize(raw, opts)
-    return prepare(result.prepare_config(out_dir, **overrides))
 
 
 # ---------------------------------------------------------------------------------------------

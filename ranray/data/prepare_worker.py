@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from ranray.data.align import AlignOptions, FaceAligner
 from ranray.data.schema import FACE_SIZE, FLAG_ALIGN_FALLBACK, REJECT_SCHEMA, SHARD_SCHEMA, SUBSET_FLAGS
 from ranray.data.shards import OutputLocation, write_task_output
+from ranray.failures import redirect_stderr
 from ranray.data.sources import RowReject, SourceRow
 from ranray.data.sources.common import IMAGE_FILE, IMAGE_PIXELS, IMAGE_RECORD
 from ranray.data.sources.lines import LineGroup, RowParser, parse_line, segment_lines
@@ -274,8 +275,6 @@ class BlockPreparer:
 
     def __init__(self, job: BlockJob, log_dir: str = ""):
         if log_dir:  # a native crash leaves its trace in the dataset's logs/, not on the terminal
-            from ranray.train.failures import redirect_stderr
-
             redirect_stderr(Path(log_dir) / f"align-{os.getpid()}.log", "align")
         self.job = job
         self.maker = FACE_MAKERS[job.options.detector](job.options, job.quality, job.resize)

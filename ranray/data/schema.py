@@ -35,6 +35,8 @@ FLAG_OCCLUSION = 1
 FLAG_POSE30 = 2
 FLAG_POSE45 = 4
 SUBSET_FLAGS = {"occlusion": FLAG_OCCLUSION, "pose30": FLAG_POSE30, "pose45": FLAG_POSE45}
+SUBSETS = ("all", *SUBSET_FLAGS)  # what a loader, an evaluation or a comparison can select
+SUBSET_MASK = sum(SUBSET_FLAGS.values())  # "clean" rows have none of these flags
 # Set by prepare (detector "given") when the landmark fit failed its plausibility check and the
 # face was aligned from its box instead (see ranray/data/align.py); such rows are kept, not dropped.
 FLAG_ALIGN_FALLBACK = 8

@@ -29,7 +29,7 @@ from PIL import Image
 from ranray.config import CLASS_NAMES, PrepareConfig
 from ranray.data.schema import FLAG_OCCLUSION, FLAG_POSE30, FLAG_POSE45, SUBSET_FLAGS, SYNTH_MARKER
 from ranray.data.sources.common import CLASS_TABLES
-from ranray.data.sources.ferplus import VOTE_COLUMNS
+from ranray.data.sources.ferplus_labels import VOTE_COLUMNS
 from ranray.data.synth_face import (DEFAULT_OCCLUDERS, OCCLUDERS, FaceSpec, Identity, Occluder, Pose, background,
                                     render, sample_identity)
 

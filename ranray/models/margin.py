@@ -22,19 +22,6 @@ from ranray.config import MarginConfig
 # float32 can represent 1 - 1e-6 exactly enough; acos' derivative there is about 707, not inf.
 COS_EPS = 1e-6
 
-PRESETS: dict[str, MarginConfig] = {
-    "arcface": MarginConfig(scale=64.0, m1=1.0, m2=0.5, m3=0.0),
-    "cosface": MarginConfig(scale=64.0, m1=1.0, m2=0.0, m3=0.4),
-    "softmax": MarginConfig(scale=64.0, m1=1.0, m2=0.0, m3=0.0),  # normalised softmax, no margin
-}
-
-
-def margin_preset(name: str, **overrides: float | bool) -> MarginConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown margin preset '{name}' (known: {', '.join(sorted(PRESETS))})")
-    return MarginConfig(**{**PRESETS[name].__dict__, **overrides})
-
-
 def margin_target_cos(cos_target: torch.Tensor, cfg: MarginConfig) -> torch.Tensor:
     """cos(m1*theta + m2) - m3 for target cosines, in float32 (unscaled).
 

@@ -502,33 +502,3 @@ def max_sample_rate(budget_bytes: int, num_classes: int, embedding_size: int, wo
 
 
 # docs/SCALING.md's table is this function's output (a test keeps them equal).
-GPU_BYTES = 80 * 10**9  # an "80 GB" card (A100 / H100 80GB: 80 GiB would be 85.9e9)
-BACKBONE_RESERVE_BYTES = 20 * 10**9  # iResNet-50 at 128 images/GPU: see docs/SCALING.md
-TABLE_CASES = (  # (classes, nodes, gpus per node, sample rate or None for plain data parallel)
-    (2_000_000, 8, 8, None), (2_000_000, 8, 8, 1.0), (2_000_000, 8, 8, 0.1),
-    (2_000_000, 1, 8, None), (2_000_000, 1, 8, 1.0), (2_000_000, 1, 8, 0.1),
-    (10_000_000, 1, 8, None), (10_000_000, 1, 8, 1.0), (10_000_000, 1, 8, 0.1),
-    (100_000_000, 8, 8, 1.0), (100_000_000, 8, 8, 0.1),
-)
-
-
-def memory_table_markdown(embedding_size: int = 512, batch_per_rank: int = 128) -> str:
-    def gb(x: int) -> str:
-        return f"{x / 1e9:.2f}"
-
-    head_budget = GPU_BYTES - BACKBONE_RESERVE_BYTES
-    lines = ["| classes | GPUs | head | classes/GPU | sampled/GPU | global batch | weights + momentum GB "
-             "| sampled centres GB | embeddings GB | logits GB | dense grad GB | head total GB "
-             "| fits 80 GB | largest r that fits |",
-             "|" + "---|" * 14]
-    for classes, nodes, gpus, rate in TABLE_CASES:
-        world = nodes * gpus
-        est = memory_estimate(classes, embedding_size, world, batch_per_rank, rate or 1.0, rate is not None)
-        largest = "-" if rate is None else f"{max_sample_rate(head_budget, classes, embedding_size, world, batch_per_rank):g}"
-        lines.append(
-            f"| {classes / 1e6:g}M | {nodes}x{gpus} | {'plain DP' if rate is None else f'PFC r={rate:g}'} "
-            f"| {est.classes_per_rank:,} | {est.sampled_per_rank:,} | {est.global_batch:,} "
-            f"| {gb(est.weights + est.momentum)} | {gb(est.sampled_centres)} | {gb(est.embeddings)} "
-            f"| {gb(est.logits)} | {gb(est.dense_grad)} | {gb(est.total)} "
-            f"| {'yes' if est.total <= head_budget else 'no'} | {largest} |")
-    return "\n".join(lines) + "\n"

@@ -48,14 +48,14 @@ from torch import nn
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, to_dict
 from ranray.hardware import resolve_channels_last, resolve_precision
-from ranray.journal import open_tracker
+from ranray.run_tracker import open_tracker
 from ranray.train.checkpoint import STATE_FILE, capture_rng_state, restore_rng_state, save_checkpoint
 from ranray.train.collectives import all_reduce_sum
 from ranray.train.elastic import (BATCH_RULE, align_schedules, check_resumable, lr_scale, resume_summary,
                                   schedule_step, start_record)
 from ranray.train.optim import OPTIMIZERS, PRECISIONS, Precision, lr_scheduler
 from ranray.train.resume import RANK_FILE
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 from ranray.train.runtime import Runtime, import_object
 
 log = logging.getLogger("ranray.train")

@@ -35,6 +35,7 @@ from ranray.models.losses import rb_margin_for
 from ranray.models.ran import VARIANTS
 from ranray.train.checkpoint import atomic_write_text, export_model
 from ranray.train.engine import Built, Engine, Validation, run_worker
+from ranray.train.jobs import training_tags
 from ranray.model_card import card_path, write_data_card
 from ranray.train.plots import plot_confusion_matrix
 from ranray.train.protocols import Splits, protocol_splits
@@ -75,9 +76,7 @@ class FineTune:
 
     @property
     def tags(self) -> dict[str, str]:
-        return {"train_subset": self.cfg.data.train_subset, "protocol": self.cfg.protocol,
-                "model_variant": self.cfg.model.variant, "rb_margin": f"{self.rb_margin:g}",
-                "rb_space": self.cfg.loss.rb_space}
+        return {**training_tags(self.cfg), "rb_margin": f"{self.rb_margin:g}", "rb_space": self.cfg.loss.rb_space}
 
     @property
     def use_landmarks(self) -> bool:

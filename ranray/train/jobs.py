@@ -34,11 +34,14 @@ class Job:
     logs_model: bool = False  # the driver logs the best model as an MLflow model after fit (tracker.log_model)
 
 
+def training_tags(cfg: TrainConfig) -> dict[str, str]:
+    """A fine-tuning run's MLflow tags, set by the driver when it opens the run and again by the task."""
+    return {"train_subset": cfg.data.train_subset, "protocol": cfg.protocol, "model_variant": cfg.model.variant}
+
+
 JOBS: dict[type, Job] = {
     TrainConfig: Job("training", "train", "ranray.train.finetune:train_func_per_worker",
-                     ("final_model", "best_model", "confusion", "attention"),
-                     tags=lambda cfg: {"train_subset": cfg.data.train_subset, "protocol": cfg.protocol,
-                                       "model_variant": cfg.model.variant},
+                     ("final_model", "best_model", "confusion", "attention"), tags=training_tags,
                      logs_model=True),
     PretrainConfig: Job("pretraining", "pretrain", "ranray.train.pretrain:train_func_per_worker",
                         ("backbone", "best_backbone")),

@@ -8,7 +8,7 @@
                             run (or the local journal without MLflow), fit, the exported model
     run_pretraining(cfg, runtime="ray")  the same for pretraining
 
-A run lives in `storage_path/run_name` (the run directory, ranray.train.run_dir.RunDir): the
+A run lives in `storage_path/run_name` (the run directory, ranray.run_dir.RunDir): the
 checkpoint_* folders (and Ray's snapshot), plus ours: config.yaml, model/, plots/, logs/, the
 MLflow store. Running the same command with the same run.name resumes that run from its newest
 good checkpoint (Ray Train V2 reloads the run's checkpoint snapshot from `storage_path/name`; the
@@ -28,10 +28,11 @@ from typing import Any
 import yaml
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config
-from ranray.journal import open_tracker
+from ranray.data.schema import SUBSET_FLAGS
+from ranray.run_tracker import open_tracker
 from ranray.train.jobs import JOBS, resolve_run_name, resolve_storage_path, run_dir_for
 from ranray.train.protocols import protocol_splits
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 from ranray.train.runtime import Launcher, load_launcher
 
 log = logging.getLogger("ranray.train")
@@ -221,7 +222,7 @@ def describe(result: TrainingResult) -> list[tuple[str, str]]:
     if "test_accuracy" in m:
         rows.append(("test accuracy", f"{m['test_accuracy']:.4f}"))
     rows += [(f"{k.split('_acc_')[0]} accuracy, {k.split('_acc_')[1]}", f"{v:.4f}") for k, v in m.items()
-             if k.split("_acc_")[-1] in ("occlusion", "pose30", "pose45") and k.startswith(("val_", "test_"))]
+             if k.split("_acc_")[-1] in SUBSET_FLAGS and k.startswith(("val_", "test_"))]
     rows += [("train loss", f"{m.get('train_loss', float('nan')):.4f}"),
              ("throughput", f"{m.get('images_per_s', float('nan')):.1f} images/s"),
              ("time", f"{result.elapsed_s:.0f} s"), ("run dir", str(result.run_dir))]

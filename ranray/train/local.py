@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ranray.config import ConfigError, PretrainConfig, TrainConfig
-from ranray.train.failures import log_to_stdout
+from ranray.failures import log_to_stdout
 from ranray.train.jobs import JOBS, is_uri, run_dir_for, worker_config
 from ranray.train.resume import CHECKPOINT_PREFIX, pick_good_checkpoint, read_rank_file, read_resume_state
 from ranray.train.runtime import Fitted, import_object

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ranray.data.schema import denormalize
+from ranray.data.schema import FLAG_OCCLUSION, denormalize
 
 DPI = 100
 FACE_INCHES = 2.4
@@ -100,8 +100,6 @@ def attention_layout(num_faces: int, flags: Any = None) -> list[list[int | None]
     """Rows of face indices: one face per row, or with flags two columns, clean | occluded."""
     if flags is None:
         return [[i] for i in range(num_faces)]
-    from ranray.data.schema import FLAG_OCCLUSION
-
     occluded = (_np(flags).astype(np.int64) & FLAG_OCCLUSION) != 0
     columns = [[i for i in range(num_faces) if bool(occluded[i]) == want] for _, want in GROUPS]
     rows = max(len(c) for c in columns)

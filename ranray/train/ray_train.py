@@ -34,7 +34,7 @@ from ranray.ray_runtime import ensure_ray
 from ranray.train.collectives import broadcast
 from ranray.train.commits import SNAPSHOT, parse_snapshot
 from ranray.train.elastic import check_run_dir, resume_summary
-from ranray.train.failures import RunFailed, explain, worker_log
+from ranray.failures import RunFailed, explain, worker_log
 from ranray.train.jobs import JOBS, is_uri, resolve_run_name, resolve_storage_path, run_dir_for, worker_config
 from ranray.train.resume import CHECKPOINT_PREFIX, pick_good_checkpoint, read_rank_file, read_resume_state
 from ranray.train.runtime import Fitted, import_object

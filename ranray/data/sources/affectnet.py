@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ranray.data.schema import NUM_LANDMARKS
-from ranray.data.sources.common import (AFFECTNET_CLASSES, EXCLUDED_CODES, SourceError, SourceRead, SourceRow,
+from ranray.data.sources.common import (AFFECTNET_CLASSES, EXCLUDED_CODES, SourceError, SourceRow,
                                         one_hot, parse_csv_line, read_header, require_dir, require_file)
-from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
 
 COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
            "expression")
@@ -50,10 +50,6 @@ def plan_affectnet(inputs: list[str], num_classes: int = len(AFFECTNET_CLASSES))
     return SourcePlan(groups=groups, parser=parser, class_names=list(AFFECTNET_CLASSES[:num_classes]),
                       rows=count_lines(groups),
                       extra={"files": [str(p) for p in csvs], "image_folder": str(folder)})
-
-
-def read_affectnet(inputs: list[str], num_classes: int = len(AFFECTNET_CLASSES)) -> SourceRead:
-    return read_all(plan_affectnet(inputs, num_classes))
 
 
 @dataclass(frozen=True)
@@ -107,7 +103,3 @@ def _row(r: list[str], line: int, path: Path, col: dict[str, int], split: str, f
 
 def plan(cfg) -> SourcePlan:
     return plan_affectnet(cfg.inputs, cfg.affectnet_classes)
-
-
-def read(cfg) -> SourceRead:
-    return read_affectnet(cfg.inputs, cfg.affectnet_classes)

@@ -59,15 +59,6 @@ class SourceRow:
     detail: str = ""
 
 
-@dataclass
-class SourceRead:
-    """A reader's output: every input row, each either usable or carrying a reject reason."""
-
-    rows: list[SourceRow]
-    class_names: list[str]  # index -> name; for identity sources, the training identities
-    extra: dict = field(default_factory=dict)  # reader-specific manifest entries
-
-
 # Each expression dataset's classes in its own label order: published results use each dataset's
 # own class set (RAF-DB 7-way, AffectNet 7- or 8-way, FERPlus 8-way), so the model's head, the
 # confusion matrices and the per-class tables follow the dataset, not one project-wide list.
@@ -123,10 +114,6 @@ def read_header(path: Path, required: tuple[str, ...]) -> list[str]:
 
 def parse_csv_line(text: str) -> list[str]:
     return next(csv.reader([text]), [])
-
-
-def image_files(folder: Path) -> list[Path]:
-    return [folder / rel for rel in walk_images(folder)]
 
 
 def walk_images(folder: Path, prefix: str = "") -> Iterator[str]:

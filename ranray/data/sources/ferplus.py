@@ -4,106 +4,26 @@ the labels RAN's published results used). The manifest's reader.label_source say
 reader.label_files the sha256 of each file read.
 
 The two files are aligned row by row (row i of one describes row i of the other). Labels come from
-the 10 crowd votes with the label modes of the FERPlus authors (Barsoum et al. 2016, the
-`_process_data` of github.com/microsoft/FERPlus): votes of 1 are zeroed as outliers first; training
-rows use the configured mode, validation and test rows always `majority`; a row whose processed
-top class is `unknown` or `NF` (non-face) is dropped, here as a reject with a reason.
+the 10 crowd votes with the FERPlus authors' label modes (ranray.data.sources.ferplus_labels).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ranray.config import CLASS_NAMES
-from ranray.data.schema import NUM_VOTES
-from ranray.data.sources.common import (IMAGE_PIXELS, SourceError, SourceRead, SourceRow, label_file_hashes,
+from ranray.data.sources.common import (IMAGE_PIXELS, SourceError, SourceRow, label_file_hashes,
                                         parse_csv_line, read_header, require_dir, require_file)
-from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
+from ranray.data.sources.ferplus_folders import find_folders, plan_folders
+from ranray.data.sources.ferplus_labels import EVAL_MODE, VOTE_COLUMNS, label_from_votes, reject
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
 
 FER_COLUMNS = ("pixels", "Usage")
-VOTE_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
-                "unknown", "NF")
 FERPLUS_COLUMNS = ("Usage", "Image name") + VOTE_COLUMNS
-assert VOTE_COLUMNS[:len(CLASS_NAMES)] == CLASS_NAMES and len(VOTE_COLUMNS) == NUM_VOTES
-UNKNOWN, NOT_FACE = 8, 9
 MISALIGNED = "misaligned_row"
 
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
-EVAL_MODE = "majority"  # the FERPlus authors evaluate every mode against majority labels
-
-
-# ---------------------------------------------------------------------------------------------
-# Label modes: each takes the 10 votes after single-vote removal and returns the 10-way emotion
-# vector, or None where the authors force the row to "unknown".
-# ---------------------------------------------------------------------------------------------
-
-
-def _majority(raw: list[float], total: float) -> list[float] | None:
-    top = max(raw)
-    if top > 0.5 * total:  # strictly more than half of the (kept) votes
-        emotion = [0.0] * len(raw)
-        emotion[raw.index(top)] = top
-        return emotion
-    return None
-
-
-def _probability(raw: list[float], total: float) -> list[float] | None:
-    """The authors' loop, kept as written: take the top classes until 75% of the votes (at most 3).
-
-    Unknown or NF tied at the current top ends the loop; if a real emotion was taken before it,
-    the unknown/NF share is dropped again.
-    """
-    raw = list(raw)
-    emotion = [0.0] * len(raw)
-    taken, count, valid = 0.0, 0, True
-    while taken < 0.75 * total and count < 3 and valid:
-        top = max(raw)
-        for i in range(len(raw)):
-            if raw[i] == top:
-                emotion[i] = top
-                raw[i] = 0.0
-                taken += emotion[i]
-                count += 1
-                if i >= UNKNOWN:
-                    valid = False
-                    if sum(emotion) > top:
-                        emotion[i] = 0.0
-                        count -= 1
-                    break
-    if sum(emotion) <= 0.5 * total or count > 3:
-        return None
-    return emotion
-
-
-def _multi_target(raw: list[float], total: float) -> list[float] | None:
-    """Every class with at least 30% of the votes, equal to its vote share."""
-    emotion = [v if v >= 0.3 * total else 0.0 for v in raw]
-    return emotion if sum(emotion) > 0.5 * total else None
-
-
-LABEL_MODES: dict[str, Callable[[list[float], float], list[float] | None]] = {
-    "majority": _majority,
-    "probability": _probability,  # the target is the same; the loss samples a label from it
-    "crossentropy": _probability,  # the target is the same; the loss is soft cross-entropy
-    "multi_target": _multi_target,
-}
-TOP_CLASS_REASONS = {UNKNOWN: "label_unknown", NOT_FACE: "label_not_face"}
-
-
-def ferplus_target(votes: list[int], mode: str) -> tuple[list[float], str]:
-    """(8-class target distribution, "") for a usable row, ([], reject reason) otherwise."""
-    raw = [0.0 if v <= 1 else float(v) for v in votes]  # single votes are outliers
-    emotion = LABEL_MODES[mode](raw, sum(raw))
-    if emotion is None:
-        return [], "label_no_consensus"
-    top = max(range(len(emotion)), key=lambda i: (emotion[i], -i))  # first maximum, as np.argmax
-    if top in TOP_CLASS_REASONS:
-        return [], TOP_CLASS_REASONS[top]
-    kept = emotion[:len(CLASS_NAMES)]
-    total = sum(kept)
-    return [v / total for v in kept], ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +50,6 @@ def find_files(inputs: list[str]) -> tuple[Path, Path]:
 
 def plan_ferplus(inputs: list[str], label_mode: str = "majority") -> SourcePlan:
     """The authors' FER2013{Train,Valid,Test}/label.csv folders when given their parent, else the csv pair."""
-    from ranray.data.sources.ferplus_folders import find_folders, plan_folders
-
     folders = find_folders(inputs)
     if folders is not None:
         return plan_folders(folders, label_mode)
@@ -166,15 +84,6 @@ def repeated_names(new_path: Path, name_col: int) -> dict[str, int]:
             else:
                 first[name] = line
     return repeats
-
-
-def read_ferplus(inputs: list[str], label_mode: str = "majority") -> SourceRead:
-    """All rows at once; files that are out of step are an error here (prepare rejects such rows)."""
-    read = read_all(plan_ferplus(inputs, label_mode))
-    for row in read.rows:
-        if row.reason == MISALIGNED:
-            raise SourceError(row.detail)
-    return read
 
 
 @dataclass(frozen=True)
@@ -214,41 +123,19 @@ def _row(i: int, fer: list[str], new: list[str], cols: _Columns, label_mode: str
     row = SourceRow(key=name or f"row{i:06d}", split=USAGE_TO_SPLIT.get(usage, usage or "unknown"),
                     image_kind=IMAGE_PIXELS, pixels=_field(fer, cols.pixels))
     if _field(fer, cols.fer_usage) != usage:
-        return _reject(row, MISALIGNED, f"{fer_path} line {line} has Usage '{_field(fer, cols.fer_usage)}' but "
+        return reject(row, MISALIGNED, f"{fer_path} line {line} has Usage '{_field(fer, cols.fer_usage)}' but "
                                         f"{new_path} has '{usage}': the files are not aligned row by row")
     try:
         row.votes = [int(float(_field(new, c))) for c in cols.votes]
     except ValueError:
-        return _reject(row, "bad_votes", f"{new_path} line {line}: votes {[_field(new, c) for c in cols.votes]}")
+        return reject(row, "bad_votes", f"{new_path} line {line}: votes {[_field(new, c) for c in cols.votes]}")
     if usage not in USAGE_TO_SPLIT:
-        return _reject(row, "bad_usage", f"{new_path} line {line}: Usage '{usage}'")
+        return reject(row, "bad_usage", f"{new_path} line {line}: Usage '{usage}'")
     if not name:
-        return _reject(row, "not_face_row", f"{new_path} line {line}: empty Image name (a FERPlus non-face row)")
+        return reject(row, "not_face_row", f"{new_path} line {line}: empty Image name (a FERPlus non-face row)")
     return label_from_votes(row, label_mode, f"{new_path} line {line}")
-
-
-def label_from_votes(row: SourceRow, label_mode: str, where: str) -> SourceRow:
-    """The row's target and label from its votes (training rows in `label_mode`, the rest majority),
-    or a reject naming `where`."""
-    mode = label_mode if row.split == "train" else EVAL_MODE
-    target, reason = ferplus_target(row.votes, mode)
-    if reason:
-        return _reject(row, reason, f"{where}: votes {row.votes} ({mode})")
-    row.target = target
-    row.label = max(range(len(target)), key=lambda k: (target[k], -k))
-    return row
-
-
-def _reject(row: SourceRow, reason: str, detail: str) -> SourceRow:
-    row.reason, row.detail = reason, detail
-    return row
 
 
 def plan(cfg) -> SourcePlan:
     """The planner registry's entry point (cfg: PrepareConfig)."""
     return plan_ferplus(cfg.inputs, cfg.label_mode)
-
-
-def read(cfg) -> SourceRead:
-    """The reader registry's entry point (cfg: PrepareConfig)."""
-    return read_ferplus(cfg.inputs, cfg.label_mode)

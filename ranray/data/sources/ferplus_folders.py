@@ -20,7 +20,7 @@ from PIL import Image
 from ranray.config import CLASS_NAMES
 from ranray.data.schema import NUM_VOTES
 from ranray.data.sources.common import SourceError, SourceRow, label_file_hashes, parse_csv_line, require_dir
-from ranray.data.sources.ferplus import EVAL_MODE, label_from_votes
+from ranray.data.sources.ferplus_labels import EVAL_MODE, label_from_votes, reject
 from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
 
 LABEL_FILE = "label.csv"
@@ -68,19 +68,19 @@ class LabelCsvParser:
         name = fields[0]
         row = SourceRow(key=name or f"{folder.name}:{line}", split=split, path=str(folder / name))
         if len(fields) != 2 + NUM_VOTES:
-            return _reject(row, "bad_row", f"{where}: {len(fields)} fields, expected name, box and {NUM_VOTES} votes")
+            return reject(row, "bad_row", f"{where}: {len(fields)} fields, expected name, box and {NUM_VOTES} votes")
         box = _BOX.match(fields[1])
         if box is None:
-            return _reject(row, "bad_box", f"{where}: box {fields[1]!r} is not '(x, y, w, h)'")
+            return reject(row, "bad_box", f"{where}: box {fields[1]!r} is not '(x, y, w, h)'")
         try:
             row.votes = [int(v) for v in fields[2:]]
         except ValueError:
-            return _reject(row, "bad_votes", f"{where}: votes {fields[2:]}")
+            return reject(row, "bad_votes", f"{where}: votes {fields[2:]}")
         if any(v < 0 for v in row.votes):
-            return _reject(row, "bad_votes", f"{where}: negative votes {row.votes}")
+            return reject(row, "bad_votes", f"{where}: negative votes {row.votes}")
         problem = _image_problem(Path(row.path), where)
         if problem:
-            return _reject(row, *problem)
+            return reject(row, *problem)
         x, y, w, h = (int(v) for v in box.groups())
         row.box = [float(x), float(y), float(x + w), float(y + h)]
         return label_from_votes(row, self.label_mode, where)
@@ -100,8 +100,3 @@ def _image_problem(path: Path, where: str) -> tuple[str, str] | None:
     except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
         return "corrupt_image", f"{where}: {path}: {type(err).__name__}: {err}"
     return None
-
-
-def _reject(row: SourceRow, reason: str, detail: str) -> SourceRow:
-    row.reason, row.detail = reason, detail
-    return row

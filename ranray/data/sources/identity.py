@@ -9,11 +9,10 @@ work folder (ranray.data.sources.listing); workers read that listing in runs.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from ranray.data.sources.common import SourceRead, require_dir, split_folders
-from ranray.data.sources.lines import SourcePlan, read_all
+from ranray.data.sources.common import require_dir, split_folders
+from ranray.data.sources.lines import SourcePlan
 from ranray.data.sources.listing import ListingParser, write_listing
 
 PAIRS_NAME = "pairs.txt"
@@ -39,14 +38,5 @@ def plan_identity(inputs: list[str], work: Path) -> SourcePlan:
                       extra={"identities": {s: len(v) for s, v in identities.items()}, "pairs_files": pairs})
 
 
-def read_identity(inputs: list[str]) -> SourceRead:
-    with tempfile.TemporaryDirectory() as work:
-        return read_all(plan_identity(inputs, Path(work)))
-
-
 def plan(cfg, work: Path) -> SourcePlan:
     return plan_identity(cfg.inputs, work)
-
-
-def read(cfg) -> SourceRead:
-    return read_identity(cfg.inputs)

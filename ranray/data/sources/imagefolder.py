@@ -10,13 +10,12 @@ folders into the work folder (ranray.data.sources.listing); workers read that li
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from ranray.config import CLASS_NAMES
-from ranray.data.sources.common import (CLASS_SYNONYMS, IMAGE_EXTENSIONS, SourceError, SourceRead, require_dir,
+from ranray.data.sources.common import (CLASS_SYNONYMS, IMAGE_EXTENSIONS, SourceError, require_dir,
                                         split_folders)
-from ranray.data.sources.lines import SourcePlan, read_all
+from ranray.data.sources.lines import SourcePlan
 from ranray.data.sources.listing import ListingParser, write_listing
 
 
@@ -60,14 +59,5 @@ def _without_classes(folder: Path) -> str:
     return f"{folder} is empty"
 
 
-def read_imagefolder(inputs: list[str]) -> SourceRead:
-    with tempfile.TemporaryDirectory() as work:
-        return read_all(plan_imagefolder(inputs, Path(work)))
-
-
 def plan(cfg, work: Path) -> SourcePlan:
     return plan_imagefolder(cfg.inputs, work)
-
-
-def read(cfg) -> SourceRead:
-    return read_imagefolder(cfg.inputs)

@@ -16,7 +16,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from ranray.data.sources.common import SourceError, SourceRead, SourceRow
+from ranray.data.sources.common import SourceError, SourceRow
 
 CHUNK_BYTES = 1 << 22
 NEWLINE = 10
@@ -163,7 +163,3 @@ def plan_rows(plan: SourcePlan, every: int = 1 << 16) -> Iterator[SourceRow]:
             row = parse_line(plan.parser, plan.groups, seg[0], line, raw)
             if row is not None:
                 yield row
-
-
-def read_all(plan: SourcePlan) -> SourceRead:
-    return SourceRead(rows=list(plan_rows(plan)), class_names=plan.class_names, extra=plan.extra)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranray.data.sources.common import (RAFDB_CLASSES, SourceError, SourceRead, SourceRow, one_hot,
+from ranray.data.sources.common import (RAFDB_CLASSES, SourceError, SourceRow, one_hot,
                                         require_dir, require_file)
-from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines, read_all
+from ranray.data.sources.lines import LineGroup, SourcePlan, count_lines
 
 LIST_NAME = "list_patition_label.txt"  # sic: the dataset's own spelling
 PREFIX_TO_SPLIT = {"train": "train", "test": "test"}
@@ -52,10 +52,6 @@ def plan_rafdb(inputs: list[str], detector: str = "given") -> SourcePlan:
                       rows=count_lines([group]), extra={"files": [str(list_path)], "image_folder": str(folder)})
 
 
-def read_rafdb(inputs: list[str], detector: str = "given") -> SourceRead:
-    return read_all(plan_rafdb(inputs, detector))
-
-
 @dataclass(frozen=True)
 class RafdbParser:
     list_path: str
@@ -87,7 +83,3 @@ def _row(line: str, line_no: int, list_path: Path, folder: Path) -> SourceRow:
 
 def plan(cfg) -> SourcePlan:
     return plan_rafdb(cfg.inputs, cfg.detector)
-
-
-def read(cfg) -> SourceRead:
-    return read_rafdb(cfg.inputs, cfg.detector)

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ranray.data.sources.common import IMAGE_RECORD, SourceError, SourceRead, SourceRow, require_file
-from ranray.data.sources.lines import CHUNK_BYTES, LineGroup, SourcePlan, read_all
+from ranray.data.sources.common import IMAGE_RECORD, SourceError, SourceRow, require_file
+from ranray.data.sources.lines import CHUNK_BYTES, LineGroup, SourcePlan
 from ranray.data.sources.recordio import LABEL_BYTES, RecordIOError, read_record_at, record_label, unpack
 
 DEFAULT_NAME = "train.rec"
@@ -47,16 +47,8 @@ def plan_recordio(inputs: list[str]) -> SourcePlan:
                       rows=records, extra={"identities": {"train": identities}, "records": records})
 
 
-def read_recordio(inputs: list[str]) -> SourceRead:
-    return read_all(plan_recordio(inputs))
-
-
 def plan(cfg, work: Path) -> SourcePlan:
     return plan_recordio(cfg.inputs)
-
-
-def read(cfg) -> SourceRead:
-    return read_recordio(cfg.inputs)
 
 
 def _rec_files(inputs: list[str]) -> list[Path]:

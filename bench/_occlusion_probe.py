@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ranray.data.schema import SUBSET_FLAGS
-from ranray.evaluation import SUBSET_MASK
+from ranray.data.schema import SUBSET_FLAGS, SUBSET_MASK
 from ranray.inference import TrainedModel, load_trained_model, region_names
 from ranray.models.ran import RegionAttentionNetwork
 

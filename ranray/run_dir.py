@@ -8,7 +8,7 @@ and Ray Train's checkpoint_manager_snapshot.json (ranray.train.commits):
     model/backbone_best.pt, model/backbone.pt    pretraining's exported backbones (+ .yaml)
     model/test_metrics.json           the clean protocol's one test of model/best.pt
     plots/confusion_val.png, plots/attention_faces.png
-    logs/rank<r>.log                  each worker's stderr (ranray.train.failures)
+    logs/rank<r>.log                  each worker's stderr (ranray.failures)
     mlflow.db, mlartifacts/           the default MLflow store and its artifacts (ranray.tracking)
     tracking.json                     the MLflow run of this directory, so a re-run resumes it
     metrics.jsonl                     what the tracker kept while MLflow was unreachable

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ranray.train.run_dir import RunDir
+from ranray.run_dir import RunDir
 
 _HEADER = "=== ranray worker {role} pid {pid} on {host} started {when}"
 _SIGNAL = re.compile(r"\*\*\* (SIG[A-Z]+) received")
