@@ -282,9 +282,6 @@ def run_trial(params: dict[str, Any], plan: SearchPlan, parent_run_id: str) -> N
     env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     fit = _fit_trial.options(runtime_env=env).remote(cfg, TuneReportCallback(), run.run_id)
     ray.get(fit)
-    best = RunDir(trial_run_dir(plan, trial_id)).best_model
-    if best.is_file():  # logged here, as ranray.train.launch does: no worker imports MLflow's pyfunc
-        run.log_model(best, cfg)
 
 
 @ray.remote(num_cpus=0, max_retries=0)  # owned by the trial: killed with it when ASHA stops the trial
@@ -309,7 +306,9 @@ def trial_status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
 
 
 class TrialStatus(tune.Callback):
-    """Ends each trial's MLflow child run with its final status.
+    """Ends each trial's MLflow child run with its final status; a finished trial's best model is
+    logged into it as an MLflow model here (as ranray.train.launch does for a run: no worker
+    imports MLflow's pyfunc, and Tune may end a finished trial's function before it returns).
 
     Only the driver knows it: a trial that ASHA stops is killed mid-run, and Tune marks finished and
     stopped trials alike TERMINATED (the epochs run tell them apart).
@@ -329,6 +328,9 @@ class TrialStatus(tune.Callback):
     def _end(self, trial: Any, status: str) -> None:
         try:
             run = open_trial_run(self.plan, trial.trial_id, trial.config, self.parent_run_id)
+            best = RunDir(trial_run_dir(self.plan, trial.trial_id)).best_model
+            if status == FINISHED and best.is_file():
+                run.log_model(best, trial_config(self.plan, trial.config, trial.trial_id))
             run.set_tag("trial_status", status)
             run.end(MLFLOW_STATUS[status])
         except Exception:  # an exception here would end the whole search; tracking never does
