@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -31,6 +31,27 @@ CLASS_NAMES: tuple[str, ...] = (
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A config key whose values are the keys of a registry ("module:NAME"), plus `extra` values
+    that mean something before a registry is consulted (e.g. "auto"). The registry is the one list
+    of choices; it is imported when a config is validated, so that this module stays light."""
+
+    registry: str
+    extra: tuple[str, ...] = ()
+
+    def choices(self) -> list[str]:
+        import importlib
+
+        module, name = self.registry.split(":")
+        return [*self.extra, *getattr(importlib.import_module(module), name)]
+
+
+def one_of(registry: str, *extra: str) -> Any:
+    """The annotation of a key chosen from `registry` (see Choice)."""
+    return Annotated[str, Choice(registry, extra)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +99,7 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     train_subset: Literal[SUBSETS] = "all"
-    loader: Literal["dali", "torch"] = "dali"
+    loader: one_of("ranray.data.loader:BACKENDS") = "dali"
     num_threads: int = 2
     # auto: NHWC where it is fast and safe (ranray.hardware: CUDA, CPUs off oneDNN's AVX-512 path)
     channels_last: Literal["auto", True, False] = "auto"
@@ -90,14 +111,14 @@ class ModelConfig:
     """The RAN, as ranray.models.ran.RegionAttentionNetwork takes it (the only model config)."""
 
     backbone: str = "iresnet50"
-    region_mode: Literal["fixed", "landmark", "random"] = "fixed"
+    region_mode: one_of("ranray.models.ran:REGION_MODES") = "fixed"
     num_regions: int = 6  # K, the whole face included
     crop_frac: float = 0.6  # side of a fixed / landmark / random region as a fraction of the face
     # How a region becomes features (ranray.models.ran.REGION_FEATURES): crops, the paper's (each box
     # resampled from the image and run through the whole backbone: K backbone passes a face), or pooled
     # (one backbone pass over the whole face, each box resampled from its last feature map, then the
     # backbone's head per region: about the whole-face network's cost)
-    region_features: Literal["crops", "pooled"] = "crops"
+    region_features: one_of("ranray.models.ran:REGION_FEATURES") = "crops"
     dropout: float = 0.0  # before the classifier
     # Dropout on the inputs of the two attention heads: the reference code's (0.5 there)
     attention_dropout: float = 0.0
@@ -113,7 +134,7 @@ class ModelConfig:
     input_size: int = 112  # the backbone's input side; every region is resampled to it
     # The paper's ablations as models (ranray.models.ran.VARIANTS): ran, whole_face (one region, the
     # baseline), no_rb_loss, no_relation (self-attention only)
-    variant: Literal["ran", "whole_face", "no_rb_loss", "no_relation"] = "ran"
+    variant: one_of("ranray.models.ran:VARIANTS") = "ran"
     init_backbone: str = ""  # a pretraining checkpoint or an insightface backbone.pth, loaded strictly
 
 
@@ -121,11 +142,11 @@ class ModelConfig:
 class LossConfig:
     """What fine-tuning minimises: expression loss (label mode) + region-biased loss (ranray.models.losses)."""
 
-    label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
+    label_mode: one_of("ranray.models.losses:LABEL_MODES") = "majority"
     # null: the official code's margin for the prepared dataset (ranray.models.losses.RB_MARGINS:
     # 0.1 FERPlus, 0.02 AffectNet and RAF-DB)
     rb_margin: float | None = None
-    rb_space: Literal["softmax", "sigmoid"] = "softmax"  # softmax: the official code; sigmoid: the paper's text
+    rb_space: one_of("ranray.models.losses:RB_SPACES") = "softmax"  # softmax: the official code; sigmoid: the paper's text
     # Weight of a penalty on the concentration of the decision on few regions (log K - entropy of the
     # mu * nu shares; ranray.models.losses.share_concentration). Not in the paper: 0 turns it off.
     share_entropy: float = 0.0
@@ -133,12 +154,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: one_of("ranray.train.optim:OPTIMIZERS") = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
-    schedule: Literal["step", "cosine"] = "step"
+    schedule: one_of("ranray.train.optim:SCHEDULES") = "step"
     milestones: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.8])  # fractions of epochs
     gamma: float = 0.1
     grad_clip: float = 5.0  # 0 disables clipping
@@ -227,10 +248,10 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # clean: train on data.train_split, select the best epoch on data.val_split, test it once on
     # data.test_split; ran: the RAN paper's, train on train + val, report the last epoch on test
-    protocol: Literal["clean", "ran"] = "clean"
+    protocol: one_of("ranray.train.protocols:PROTOCOLS") = "clean"
     epochs: int = 60
     batch_size: int = 32  # per worker
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
+    precision: one_of("ranray.train.optim:PRECISIONS", "auto") = "auto"  # auto: ranray.hardware.resolve_precision
     compile: bool = False
     max_steps: int = 0  # > 0: stop after this many steps (smoke runs, benchmarks); the LR schedule still spans `epochs`
     log_every_n_steps: int = 50  # the loss is read from the device (a sync) and logged at this cadence
@@ -259,13 +280,13 @@ class TrainConfig:
 
 @dataclass
 class PrepareConfig:
-    source: Literal["ferplus", "rafdb", "affectnet", "imagefolder", "identity", "recordio"] = "ferplus"
+    source: one_of("ranray.data.sources:PLANNERS") = "ferplus"
     inputs: list[str] = field(default_factory=list)  # source files or folders, per reader
     out: str = ""
-    label_mode: Literal["majority", "probability", "crossentropy", "multi_target"] = "majority"
+    label_mode: one_of("ranray.data.sources.ferplus_labels:LABEL_MODES") = "majority"
     # given: face crops, no detection; none: already-aligned 112x112 faces (insightface RecordIO,
     # aligned folders) pass through without dlib: size and channels checked, JPEG bytes kept.
-    detector: Literal["hog", "cnn", "given", "none"] = "given"
+    detector: one_of("ranray.data.align:DETECTORS", "none") = "given"
     resize: bool = False  # detector none: resize faces that are not 112x112 instead of rejecting them
     # given mode: a landmark fit that fails its plausibility check is aligned from the box and
     # flagged (True), or rejected as "landmark_implausible" (False) for users who want only fitted faces.
@@ -274,7 +295,7 @@ class PrepareConfig:
     # face-recognition frame, or fer2013 (FER2013's own tighter crop, so 48-pixel crops are not shrunk
     # into black borders). auto: fer2013 for FER2013's crops (the ferplus source, not synthetic),
     # insightface for every other (ranray.data.prepare.align_template).
-    align_template: Literal["auto", "insightface", "fer2013"] = "auto"
+    align_template: one_of("ranray.data.align:TEMPLATES", "auto") = "auto"
     subset_lists: dict[str, str] = field(default_factory=dict)  # flag name -> file of image names
     affectnet_classes: Literal[7, 8] = 8  # AffectNet's published class sets: 8, or 7 without contempt
     num_workers: int = 0  # 0: one actor per CPU Ray has
@@ -339,7 +360,7 @@ class PretrainConfig:
     verification_pairs: str = ""  # pairs file: key_a key_b same(0/1)
     epochs: int = 20
     batch_size: int = 128
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: ranray.hardware.resolve_precision
+    precision: one_of("ranray.train.optim:PRECISIONS", "auto") = "auto"  # auto: ranray.hardware.resolve_precision
     compile: bool = False
     max_steps: int = 0  # > 0: stop after this many steps (smoke runs, benchmarks); the LR schedule still spans `epochs`
     log_every_n_steps: int = 50  # the loss is read from the device (a sync) and logged at this cadence
@@ -371,7 +392,7 @@ class TuneConfig:
     base_overrides: list[str] = field(default_factory=list)
     space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
     num_samples: int = 8
-    searcher: Literal["random"] = "random"
+    searcher: one_of("ranray.tune:SEARCHERS") = "random"
     use_asha: bool = True
     grace_period: int = 2
     reduction_factor: int = 2
@@ -493,7 +514,7 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     raw = _renamed(cls, raw, prefix)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -546,6 +567,13 @@ def _pop_dotted(raw: dict[str, Any], key: str) -> Any:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *marks = typing.get_args(tp)
+        value = _coerce(base, value, key)
+        for choice in (m for m in marks if isinstance(m, Choice)):
+            if value not in choice.choices():
+                raise ConfigError(f"config key '{key}' must be one of {choice.choices()}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key + ".")
     if origin is Literal:

@@ -128,3 +128,25 @@ def test_flatten_gives_dotted_scalars():
     assert flat["data.augment.erase_prob"] == 0.25
     assert all(not isinstance(v, dict) for v in flat.values())
 
+
+
+def test_registry_choices_come_from_the_registry_itself(monkeypatch):
+    """A key chosen from a registry (config.one_of) accepts exactly the registry's keys (+ its extra
+    values such as "auto"): adding an optimiser to OPTIMIZERS makes it a valid optim.name."""
+    from ranray.train import optim
+
+    with pytest.raises(ConfigError, match=r"'optim.name' must be one of \['sgd', 'adamw'\], got 'lion'"):
+        load_config(TrainConfig, None, ["optim.name=lion"])
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", optim.OPTIMIZERS["sgd"])
+    assert load_config(TrainConfig, None, ["optim.name=lion"]).optim.name == "lion"
+    assert load_config(TrainConfig, None, ["precision=auto"]).precision == "auto"  # an extra value
+
+
+def test_importing_the_config_imports_no_registry():
+    import subprocess
+    import sys
+
+    code = ("import sys, ranray.config; "
+            "print(sorted(m for m in ('torch', 'ranray.models.ran', 'ranray.train.optim') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
