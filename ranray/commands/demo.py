@@ -104,7 +104,7 @@ def occlusion_study_line() -> str:
 
 def summary(result, report, times: dict[str, float], total_s: float) -> str:
     from ranray.model_card import describe, synthetic_warning
-    from ranray.train.launch import format_table
+    from ranray.train.summary import format_table
 
     m = report.metrics
     pre = f"{report.split}_"

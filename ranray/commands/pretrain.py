@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ranray.config import PretrainConfig, load_config
-    from ranray.train.launch import format_table, run_pretraining
+    from ranray.train.launch import run_pretraining
+    from ranray.train.summary import format_table
     from ranray.train.pretrain import describe
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)

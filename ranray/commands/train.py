@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ranray.config import TrainConfig, load_config
-    from ranray.train.launch import describe, format_table, run_training
+    from ranray.train.launch import describe, run_training
+    from ranray.train.summary import format_table
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     result = run_training(cfg, runtime="local" if args.local else "ray")  # a run that fails for good raises RunFailed: one line, exit 1 (cli.main)

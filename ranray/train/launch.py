@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import yaml
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config
 from ranray.data.schema import SUBSET_FLAGS
 from ranray.run_tracker import open_tracker
+from ranray.train import preflight as preflight_checks
+from ranray.train.summary import summary_rows
 from ranray.train.jobs import JOBS, resolve_run_name, resolve_storage_path, run_dir_for
 from ranray.train.protocols import protocol_splits
 from ranray.run_dir import RunDir
@@ -66,39 +67,34 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     Returns the dataset manifest. Costs a model build (a second for r50) and reading the flags
     column when a subset is asked for; no workers.
     """
-    from ranray.hardware import check_cpu_settings
-
-    manifest = _check_data(cfg)
+    manifest = preflight_checks.prepared_dataset(cfg, "a dataset written by `ranray prepare`")
+    _check_splits(cfg)
+    _check_labels(cfg, manifest)
     _check_model(cfg)
-    check_cpu_settings(cfg.precision, cfg.data.channels_last, cfg.scaling.use_gpu)
+    preflight_checks.hardware(cfg)
     return manifest
 
 
-def _check_data(cfg: TrainConfig) -> dict[str, Any]:
-    from ranray.data.schema import DatasetError, read_manifest
+def _check_splits(cfg: TrainConfig) -> None:
+    from ranray.data.schema import DatasetError
     from ranray.data.shards import build_index
 
-    if not cfg.data.dir:
-        raise ConfigError("config key 'data.dir' is required: a dataset written by `ranray prepare`")
-    if not Path(cfg.data.dir).is_dir():
-        raise ConfigError(f"config key 'data.dir': {cfg.data.dir} does not exist")
+    subset = cfg.data.train_subset
+    flagged = f" flagged '{subset}' (data.train_subset)" if subset != "all" else ""
+    splits = protocol_splits(cfg.protocol, cfg.data)  # protocol ran: train + val, watch test
+    watched = "data.val_split" if splits.monitor == cfg.data.val_split else "data.test_split"
     try:
-        manifest = read_manifest(cfg.data.dir)
-        subset = cfg.data.train_subset
-        flagged = f" flagged '{subset}' (data.train_subset)" if subset != "all" else ""
-        splits = protocol_splits(cfg.protocol, cfg.data)  # protocol ran: train + val, watch test
-        watched = "data.val_split" if splits.monitor == cfg.data.val_split else "data.test_split"
         for key, split in (("data.train_split", splits.train), (watched, splits.monitor)):
             rows = build_index(cfg.data.dir, split, subset).num_rows
             if rows == 0:
                 raise ConfigError(f"config key '{key}': split '{split}' of {cfg.data.dir} has no rows{flagged}")
-            # The largest group the run may get (an elastic run grows up to max_workers).
-            per_step = cfg.scaling.max_workers * cfg.batch_size
-            if key == "data.train_split" and rows < per_step:
-                raise ConfigError(f"config key 'batch_size': {cfg.scaling.max_workers} workers x {cfg.batch_size} "
-                                  f"need {per_step} rows per step, split '{split}' has {rows}{flagged}")
+            if key == "data.train_split":
+                preflight_checks.rows_per_step(cfg, split, rows, flagged)
     except DatasetError as exc:
         raise ConfigError(f"config key 'data.dir': {exc}") from exc
+
+
+def _check_labels(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
     if manifest.get("num_classes") != cfg.model.num_classes:
         raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but {cfg.data.dir} has "
                           f"{manifest.get('num_classes')} classes")
@@ -115,7 +111,6 @@ def _check_data(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"config key 'loss.label_mode' is {cfg.loss.label_mode!r} but {cfg.data.dir} was prepared "
                           f"with label_mode={prepared!r}: train with loss.label_mode={prepared} or prepare again "
                           f"with label_mode={cfg.loss.label_mode}")
-    return manifest
 
 
 def _check_model(cfg: TrainConfig) -> None:
@@ -213,26 +208,16 @@ PROTOCOL_LINES = {"clean": "clean (best epoch on val, tested once)",
 def describe(result: TrainingResult) -> list[tuple[str, str]]:
     """Rows of the summary table `ranray train` prints."""
     m = result.metrics
-    rows = [("run", result.run_name + (" (resumed)" if result.resumed else "")),
-            ("protocol", PROTOCOL_LINES.get(result.protocol, result.protocol)),
-            ("epochs / steps", f"{m.get('epoch', '?')} / {m.get('step', '?')}")]
+    scores = []
     if "val_accuracy" in m:
-        rows.append(("val accuracy (last / best)", f"{m['val_accuracy']:.4f} / "
-                                                   f"{m.get('best_val_accuracy', float('nan')):.4f}"))
+        scores.append(("val accuracy (last / best)", f"{m['val_accuracy']:.4f} / "
+                                                     f"{m.get('best_val_accuracy', float('nan')):.4f}"))
     if "test_accuracy" in m:
-        rows.append(("test accuracy", f"{m['test_accuracy']:.4f}"))
-    rows += [(f"{k.split('_acc_')[0]} accuracy, {k.split('_acc_')[1]}", f"{v:.4f}") for k, v in m.items()
-             if k.split("_acc_")[-1] in SUBSET_FLAGS and k.startswith(("val_", "test_"))]
-    rows += [("train loss", f"{m.get('train_loss', float('nan')):.4f}"),
-             ("throughput", f"{m.get('images_per_s', float('nan')):.1f} images/s"),
-             ("time", f"{result.elapsed_s:.0f} s"), ("run dir", str(result.run_dir))]
-    rows += [(key.replace("_", " "), str(path)) for key, path in result.artifacts.items()]
-    rows += [("MLflow run", f"{result.mlflow_run_id} in {result.tracking_uri}"), ("MLflow UI", result.ui_command)]
-    return rows
+        scores.append(("test accuracy", f"{m['test_accuracy']:.4f}"))
+    scores += [(f"{k.split('_acc_')[0]} accuracy, {k.split('_acc_')[1]}", f"{v:.4f}") for k, v in m.items()
+               if k.split("_acc_")[-1] in SUBSET_FLAGS and k.startswith(("val_", "test_"))]
+    return summary_rows(result, [("protocol", PROTOCOL_LINES.get(result.protocol, result.protocol))], scores)
 
 
-def format_table(rows: Sequence[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 

@@ -39,11 +39,13 @@ from torch import nn
 from ranray.config import ConfigError, PretrainConfig, from_dict
 from ranray.models.partial_fc import (PartialFC, make_optimizer, overlapping_ranks, reshard_optimizer_state,
                                      shard_range)
+from ranray.train import preflight as preflight_checks
 from ranray.train.checkpoint import export_model
 from ranray.train.collectives import all_gather
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.train.optim import lr_scheduler
 from ranray.train.runtime import Runtime
+from ranray.train.summary import summary_rows
 from ranray.train.verification import Pair, VerificationResult, evaluate_verification, read_pairs
 
 log = logging.getLogger("ranray.pretrain")
@@ -66,30 +68,13 @@ class PretrainPlan:
 
 def preflight(cfg: PretrainConfig) -> PretrainPlan:
     """Refuse, naming the config key, what would otherwise fail inside the workers."""
-    from ranray.data.schema import DatasetError, read_manifest
-
-    if not cfg.data.dir or not Path(cfg.data.dir).is_dir():
-        raise ConfigError(f"config key 'data.dir' must be a prepared identity dataset, got {cfg.data.dir!r}")
-    try:
-        manifest = read_manifest(cfg.data.dir)
-        _check_rows(cfg, manifest)
-    except DatasetError as exc:
-        raise ConfigError(f"config key 'data.dir': {exc}") from exc
-    from ranray.hardware import check_cpu_settings
-
+    manifest = preflight_checks.prepared_dataset(cfg, "a prepared identity dataset")
+    rows = manifest.get("splits", {}).get(cfg.data.train_split, {}).get("rows", 0)
+    preflight_checks.rows_per_step(cfg, cfg.data.train_split, rows)
     num_classes = _check_classes(cfg, manifest)
     _check_backbone(cfg)
-    check_cpu_settings(cfg.precision, cfg.data.channels_last, cfg.scaling.use_gpu)
-    pairs = _resolve_pairs(cfg)
-    return PretrainPlan(num_classes, pairs)
-
-
-def _check_rows(cfg: PretrainConfig, manifest: dict[str, Any]) -> None:
-    rows = manifest.get("splits", {}).get(cfg.data.train_split, {}).get("rows", 0)
-    needed = cfg.scaling.max_workers * cfg.batch_size
-    if rows < needed:
-        raise ConfigError(f"config key 'batch_size': split '{cfg.data.train_split}' of {cfg.data.dir} has {rows} "
-                          f"rows, fewer than the most workers (scaling.num_workers) x batch_size = {needed}")
+    preflight_checks.hardware(cfg)
+    return PretrainPlan(num_classes, _resolve_pairs(cfg))
 
 
 def _check_classes(cfg: PretrainConfig, manifest: dict[str, Any]) -> int:
@@ -299,15 +284,9 @@ def gather_embeddings(mine: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def describe(result: Any) -> list[tuple[str, str]]:
     """Rows of the summary table `ranray pretrain` prints."""
     m = result.metrics
-    rows = [("run", result.run_name + (" (resumed)" if result.resumed else "")),
-            ("epochs / steps", f"{m.get('epoch', '?')} / {m.get('step', '?')}"),
-            ("train loss", f"{m.get('train_loss', float('nan')):.4f}")]
+    scores = []
     if "verify_accuracy" in m:
-        rows += [("verification accuracy (last / best)",
-                  f"{m['verify_accuracy']:.4f} / {m.get('best_verify_accuracy', float('nan')):.4f}"),
-                 ("TAR @ FAR=1e-3", f"{m['verify_tar_at_far']:.4f} (FAR met: {m['verify_far']:.2g})")]
-    rows += [("throughput", f"{m.get('images_per_s', float('nan')):.1f} images/s"),
-             ("time", f"{result.elapsed_s:.0f} s"), ("run dir", str(result.run_dir))]
-    rows += [(key.replace("_", " "), str(path)) for key, path in result.artifacts.items()]
-    rows += [("MLflow run", f"{result.mlflow_run_id} in {result.tracking_uri}"), ("MLflow UI", result.ui_command)]
-    return rows
+        scores += [("verification accuracy (last / best)",
+                    f"{m['verify_accuracy']:.4f} / {m.get('best_verify_accuracy', float('nan')):.4f}"),
+                   ("TAR @ FAR=1e-3", f"{m['verify_tar_at_far']:.4f} (FAR met: {m['verify_far']:.2g})")]
+    return summary_rows(result, [], scores)
