@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import report  # noqa: E402
 
 from ranray.hardware import cpu_info  # noqa: E402
-from ranray.train.evaluate import load_trained_model  # noqa: E402
+from ranray.inference import load_trained_model  # noqa: E402
 from ranray.video import open_video, predict_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def decode_only(path: Path) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "models" / "ferplus_ran_cpu" / "best.pt"))
+    ap.add_argument("--model", default=None, help="a model file, run or shipped model name (default: the shipped model)")
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--fps", type=int, default=10)
     ap.add_argument("--every", default="1,5", help="comma-separated --every values, one row each")

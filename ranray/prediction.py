@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from ranray.inference import TrainedModel, classify_aligned, face_tensor, load_trained_model
+from ranray.inference import FaceResult, TrainedModel, classify_aligned, face_tensor, load_trained_model
 
 
 @dataclass
@@ -81,13 +81,9 @@ def predict(checkpoint: str | Path | TrainedModel, images: Sequence[str | Path],
     """Detect, align and classify every face of every image; with out_dir, write <name>_ran.png
     per image that has faces. An image that is missing, unreadable or has no face gets its error
     and the others still get their results."""
-    from ranray.data.align import AlignOptions, FaceAligner
-
     trained = (checkpoint if isinstance(checkpoint, TrainedModel)
                else load_trained_model(checkpoint, tracking_uri=tracking_uri))
-    # Boxes come from detect_faces; the aligner fits landmarks inside each ("given" mode), and puts the
-    # face where the model's training faces sat (their data card's template).
-    aligner = FaceAligner(AlignOptions(detector="given", template=trained.data.get("align_template", "insightface")))
+    aligner = face_aligner(trained)
     results = []
     for image_path in images:
         try:
@@ -102,21 +98,52 @@ def predict(checkpoint: str | Path | TrainedModel, images: Sequence[str | Path],
     return results
 
 
-def _predict_image(trained: TrainedModel, aligner: Any, image: Image.Image, name: str, detector: str) -> ImageResult:
+def face_aligner(trained: TrainedModel) -> Any:
+    """The aligner of photographs and video frames for `trained`: boxes come from detect_faces, it fits
+    landmarks inside each ("given" mode) and puts the face where the model's training faces sat
+    (their data card's template)."""
+    from ranray.data.align import AlignOptions, FaceAligner
+
+    return FaceAligner(AlignOptions(detector="given", template=trained.preprocessing.align_template))
+
+
+@dataclass
+class ImageFaces:
+    """The faces of one image that aligned, with the model's answer for each (classified as one batch)."""
+
+    boxes: list[tuple[float, ...]] = field(default_factory=list)
+    results: list[FaceResult] = field(default_factory=list)
+    fallbacks: list[bool] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # a box the landmark fit refused, and why
+
+
+def classify_faces(trained: TrainedModel, aligner: Any, image: Image.Image,
+                   boxes: Sequence[tuple[float, float, float, float]]) -> ImageFaces:
+    """Align the face in every box of `image` and classify them together (photos and video frames)."""
     from ranray.data.sources.common import RowReject
 
-    result = ImageResult(name)
-    for box in detect_faces(np.asarray(image.convert("L")), detector):
+    out, faces, landmarks = ImageFaces(), [], []
+    for box in boxes:
         try:
             aligned = aligner.align(image, box=box)
         except RowReject as exc:
-            result.skipped.append(f"face at {tuple(round(v) for v in box)} not aligned: {exc}")
+            out.skipped.append(f"face at {tuple(round(v) for v in box)} not aligned: {exc}")
             continue
-        landmarks = torch.from_numpy(aligned.landmarks)[None]
-        (face,) = classify_aligned(trained, face_tensor(aligned.image), landmarks)
-        result.faces.append(FacePrediction(image=name, box=tuple(round(v, 1) for v in box), label=face.label,
-                                           probabilities=face.probabilities, attention=face.attention,
-                                           fallback=bool(aligned.fallback)))
+        out.boxes.append(tuple(round(v, 1) for v in box))
+        out.fallbacks.append(bool(aligned.fallback))
+        faces.append(face_tensor(aligned.image))
+        landmarks.append(torch.from_numpy(aligned.landmarks))
+    if faces:
+        out.results = classify_aligned(trained, torch.cat(faces), torch.stack(landmarks))
+    return out
+
+
+def _predict_image(trained: TrainedModel, aligner: Any, image: Image.Image, name: str, detector: str) -> ImageResult:
+    faces = classify_faces(trained, aligner, image, detect_faces(np.asarray(image.convert("L")), detector))
+    result = ImageResult(name, skipped=faces.skipped)
+    result.faces = [FacePrediction(image=name, box=box, label=face.label, probabilities=face.probabilities,
+                                   attention=face.attention, fallback=fallback)
+                    for box, face, fallback in zip(faces.boxes, faces.results, faces.fallbacks)]
     if not result.faces:
         hint = "" if detector == "given" else " (for face crops use --detector given)"
         result.error = f"no face found in {name}{hint}" + (f"; {'; '.join(result.skipped)}" if result.skipped else "")
@@ -127,15 +154,13 @@ def annotate(image: Image.Image, preds: Sequence[FacePrediction], path: Path) ->
     """The input image with a box per face, its class and probability written above it (below
     when the face touches the top), and the region with the most attention named under it."""
     out = image.copy()
-    draw = ImageDraw.Draw(out)
-    width = max(2, round(max(out.size) / 200))
-    font = ImageFont.load_default(size=max(12, round(max(out.size) / 40)))
+    draw, font, width = annotation_pen(out)
     for p in preds:
         x0, y0, x1, y1 = p.box
         draw.rectangle([x0, y0, x1, y1], outline=ANNOTATION_COLOUR, width=width)
-        _label(draw, f"{p.label} {p.probabilities[p.label]:.2f}", (x0, y0), font, above=True)
+        draw_label(draw, f"{p.label} {p.probabilities[p.label]:.2f}", (x0, y0), font, above=True)
         top = max(p.attention[1:] or p.attention, key=lambda a: a["mu"])
-        _label(draw, f"{top['region']} mu {top['mu']:.2f}", (x0, y1), font, above=False)
+        draw_label(draw, f"{top['region']} mu {top['mu']:.2f}", (x0, y1), font, above=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
     return path
@@ -144,7 +169,13 @@ def annotate(image: Image.Image, preds: Sequence[FacePrediction], path: Path) ->
 ANNOTATION_COLOUR = (255, 40, 40)
 
 
-def _label(draw: ImageDraw.ImageDraw, text: str, corner: tuple[float, float], font: Any, above: bool) -> None:
+def annotation_pen(image: Image.Image) -> tuple[ImageDraw.ImageDraw, Any, int]:
+    """Drawing on `image` at its scale: (draw, label font, box line width); photos and video frames."""
+    side = max(image.size)
+    return ImageDraw.Draw(image), ImageFont.load_default(size=max(12, round(side / 40))), max(2, round(side / 200))
+
+
+def draw_label(draw: ImageDraw.ImageDraw, text: str, corner: tuple[float, float], font: Any, above: bool) -> None:
     x, y = corner
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     height = bottom - top + 4

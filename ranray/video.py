@@ -1,5 +1,5 @@
 """Expressions through a video file: every N-th frame's faces detected, aligned and classified by
-the per-image pipeline (ranray.train.evaluate), one id per face while it stays in view
+the per-image pipeline (ranray.prediction), one id per face while it stays in view
 (ranray.face_tracks), one CSV row per processed frame and face, and optionally the video again
 with boxes, ids and labels drawn.
 
@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ranray.face_tracks import FaceTracker
-from ranray.train.evaluate import ANNOTATION_COLOUR, TrainedModel, classify_aligned, detect_faces, face_tensor
+from ranray.inference import TrainedModel
+from ranray.prediction import ANNOTATION_COLOUR, annotation_pen, classify_faces, detect_faces, draw_label, face_aligner
 
 FIXED_COLUMNS = ("time_s", "frame", "track_id", "left", "top", "right", "bottom", "label")
 # The annotated video's encoder by its file suffix (FFmpeg picks the container from the suffix).
+# What `ranray predict` reads as a video (anything else as a photograph); PyAV opens many more.
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv",
+                            ".ts", ".3gp", ".ogv"})
 ENCODERS = {".mp4": "libx264", ".mkv": "libx264", ".mov": "libx264", ".avi": "libx264", ".webm": "libvpx-vp9"}
 MP4_FAMILY = b"ftyp"  # bytes 4..8 of an MP4/MOV file: then an unreadable file is a damaged one
 
@@ -80,15 +83,13 @@ def predict_video(trained: TrainedModel, path: str | Path, csv_path: str | Path,
     """Classify the faces of every `every`-th frame (0, N, 2N, ...) into `csv_path` (header always);
     with `annotated`, also write every frame with the latest processed frame's boxes drawn, at the
     input's rate. A track ends after `forget_after` processed frames without its face."""
-    from ranray.data.align import AlignOptions, FaceAligner
 
     if every < 1:
         raise ValueError(f"every must be at least 1 frame, got {every}")
     if annotated is not None:
         encoder_for(Path(annotated))  # a wrong suffix fails before any work
     path = Path(path)
-    # As evaluate.predict builds it: dlib's boxes in, the model's own template out.
-    aligner = FaceAligner(AlignOptions(detector="given", template=trained.data.get("align_template", "insightface")))
+    aligner = face_aligner(trained)
     tracker = FaceTracker(forget_after=forget_after)
     report = VideoReport(str(path), str(csv_path), annotated=str(annotated) if annotated else None)
     stages = dict.fromkeys(("decode", "detect", "classify", "annotate"), 0.0)
@@ -183,27 +184,17 @@ def timed(frames: Iterator[Any], stages: dict[str, float], stage: str) -> Iterat
 
 def classify_frame(trained: TrainedModel, aligner: Any, tracker: FaceTracker, image: np.ndarray, index: int,
                    time_s: float, detector: str, stages: dict[str, float]) -> list[FaceRow]:
-    """Detect, align and classify one frame's faces (batched), ids from the tracker."""
-    from ranray.data.sources.common import RowReject
-
-    t = time.perf_counter()
-    boxes = detect_faces(np.asarray(Image.fromarray(image).convert("L")), detector)
-    stages["detect"] += time.perf_counter() - t
+    """Detect, align and classify one frame's faces (prediction's pipeline), ids from the tracker.
+    A box dlib found but the landmark fit refused is not a face to report."""
     t = time.perf_counter()
     pil = Image.fromarray(image)
-    kept, faces, landmarks = [], [], []
-    for box in boxes:
-        try:
-            aligned = aligner.align(pil, box=box)
-        except RowReject:
-            continue  # a box dlib found but the landmark fit refused: not a face to report
-        kept.append(tuple(round(v, 1) for v in box))
-        faces.append(face_tensor(aligned.image))
-        landmarks.append(torch.from_numpy(aligned.landmarks))
-    results = classify_aligned(trained, torch.cat(faces), torch.stack(landmarks)) if faces else []
+    boxes = detect_faces(np.asarray(pil.convert("L")), detector)
+    stages["detect"] += time.perf_counter() - t
+    t = time.perf_counter()
+    faces = classify_faces(trained, aligner, pil, boxes)
     stages["classify"] += time.perf_counter() - t
-    ids = tracker.update(kept)
-    return [FaceRow(time_s, index, i, box, r.label, r.probabilities) for i, box, r in zip(ids, kept, results)]
+    ids = tracker.update(faces.boxes)
+    return [FaceRow(time_s, index, i, box, r.label, r.probabilities) for i, box, r in zip(ids, faces.boxes, faces.results)]
 
 
 def csv_row(row: FaceRow, class_names: tuple[str, ...]) -> list[Any]:
@@ -252,20 +243,12 @@ def encoder_for(path: Path) -> str:
 
 
 def draw_faces(image: np.ndarray, rows: list[FaceRow]) -> np.ndarray:
-    """evaluate.annotate's look (red box, white on red label above it) with the track id, on an array."""
+    """prediction.annotate's look (red box, white on red label above it) with the track id, on an array."""
     if not rows:
         return image
     out = Image.fromarray(image)
-    draw = ImageDraw.Draw(out)
-    width = max(2, round(max(out.size) / 200))
-    font = ImageFont.load_default(size=max(12, round(max(out.size) / 40)))
+    draw, font, width = annotation_pen(out)
     for r in rows:
-        x0, y0, x1, y1 = r.box
-        draw.rectangle([x0, y0, x1, y1], outline=ANNOTATION_COLOUR, width=width)
-        text = f"#{r.track_id} {r.label} {r.probabilities[r.label]:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        height = bottom - top + 4
-        ty = y0 - height if y0 - height >= 0 else y0
-        draw.rectangle([x0, ty, x0 + right - left + 4, ty + height], fill=ANNOTATION_COLOUR)
-        draw.text((x0 + 2, ty + 2 - top), text, fill=(255, 255, 255), font=font)
+        draw.rectangle(list(r.box), outline=ANNOTATION_COLOUR, width=width)
+        draw_label(draw, f"#{r.track_id} {r.label} {r.probabilities[r.label]:.2f}", r.box[:2], font, above=True)
     return np.asarray(out)

@@ -6,6 +6,7 @@ again elsewhere; and each kind of bad input."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import av
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 from skimage import data
 
-from ranray.train.evaluate import load_trained_model
+from ranray.cli import main
+from ranray.inference import load_trained_model
 from ranray.video import FIXED_COLUMNS, VideoError, predict_video
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "ferplus_ran_cpu" / "best.pt"
 FPS = 10
 W, H = 320, 240
 MOVING, GAP, BACK = 10, 7, 5  # frames: astronaut moving, coffee, astronaut again
@@ -51,7 +52,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def trained():
-    return load_trained_model(WEIGHTS)
+    return load_trained_model()  # the shipped model
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,37 @@ def test_bad_input_gives_one_line_each(trained, clip, tmp_path):
         assert message in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(VideoError, match=r"out\.gif: an annotated video must end in one of \.mp4"):
         predict_video(trained, clip, tmp_path / "out.csv", annotated=tmp_path / "out.gif")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `ranray predict` (the shipped model, no --model)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ranray_predict_a_video_writes_its_csv_and_annotated_video(clip, tmp_path, capsys):
+    assert main(["predict", str(clip), "--every", "2", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"frames read, \d+ processed, \d+ faces in 2 tracks; [\d.]+ s, [\d.]+ frames/s", out), out
+    header, rows = read_csv(tmp_path / "out" / f"{clip.stem}_faces.csv")
+    assert {int(r["frame"]) % 2 for r in rows} == {0} and {r["label"] for r in rows} == {"happiness"}
+    with av.open(str(tmp_path / "out" / f"{clip.stem}_ran.mp4")) as annotated:
+        assert annotated.streams.video[0].frames == MOVING + GAP + BACK
+
+
+def test_ranray_predict_bad_videos_one_line_and_exit_codes(tmp_path, capfd):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    assert main(["predict", str(text)]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("ranray predict: ") and "notes.mp4 is not a video" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "notes_faces.csv").exists()
+    empty = tmp_path / "zero.mp4"
+    empty.touch()
+    assert main(["predict", str(empty)]) == 2
+    assert "zero.mp4 is empty (0 bytes)" in capfd.readouterr().err
+    coffee = write_clip(tmp_path / "coffee.mp4", [data.coffee()[:H, :W]] * 2)
+    assert main(["predict", str(coffee), "--csv", str(tmp_path / "c.csv")]) == 1  # no face: header only
+    header, rows = read_csv(tmp_path / "c.csv")
+    assert header[:3] == ["time_s", "frame", "track_id"] and rows == []
+    assert "no face found in any of 2 processed frames" in capfd.readouterr().out
