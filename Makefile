@@ -14,7 +14,7 @@ CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py tests/test_cluster_elastic.py te
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade-strategy only-if-needed -e '.[dev]'
+	$(PY) -m pip install -q --upgrade-strategy only-if-needed -e '.[train,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -19,7 +19,8 @@ from ranray.commands import submit as submit_cmd
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
-RAY_PIN = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray[")).split("==")[1]
+RAY_PIN = next(d for d in PYPROJECT["project"]["optional-dependencies"]["train"]
+               if d.startswith("ray[")).split("==")[1]
 IMAGE = f"ghcr.io/ranray/ranray:{VERSION}-cu130"
 JOBS = ("demo", "ferplus_prepare", "pretrain_r50", "ferplus_ran_r50", "ferplus_ran_paper", "tune_asha")
 SHARED = "/mnt/shared"
@@ -138,7 +139,8 @@ def test_dockerfile_pins_versions():
     assert froms == ["${UV_IMAGE} AS uv", "${CUDA_IMAGE}"]
     run = "\n".join(rest for word, rest in instructions if word == "RUN")
     # Dependencies come from pyproject.toml's pins; the CUDA 12 DALI from the project's extra.
-    assert '["project"]["dependencies"]' in run and '["optional-dependencies"]["cuda12"]' in run
+    assert 'project["dependencies"] + project["optional-dependencies"]["train"]' in run
+    assert '["optional-dependencies"]["cuda12"]' in run
     assert "uv pip uninstall nvidia-dali-cuda130" in run
     assert "shape_predictor_68_face_landmarks.dat" in run and "ranray version" in run
     # Every package named on a pip line outside the requirement files carries a version.
