@@ -279,5 +279,6 @@ def test_the_ray_path_says_in_one_line_that_ray_is_missing(torch_only, data_dir,
     done = ranray_cli(torch_only, "train", "--config", str(save_config(cfg, tmp_path / "job.yaml")))
     assert done.returncode == 2
     assert done.stderr.strip() == ("ranray train: the ray runtime needs the module 'ray', which is not installed; "
-                                   "install it, or run on this machine with --local")
+                                   "install the training system (pip install 'ranray[train]'), or run on this "
+                                   "machine with --local")
     assert not (tmp_path / "ray").exists()

@@ -100,5 +100,6 @@ def load_launcher(name: str) -> Launcher:
         if (exc.name or "").startswith("ranray"):
             raise  # our own import is broken: a bug, not a missing library
         raise RuntimeUnavailable(f"the {name} runtime needs the module '{exc.name}', which is not installed; "
-                                 "install it, or run on this machine with --local") from exc
+                                 "install the training system (pip install 'ranray[train]'), or run on this "
+                                 "machine with --local") from exc
     return launcher()
