@@ -184,6 +184,14 @@ def test_local_refuses_more_than_one_worker_by_key_before_any_work(data_dir, tmp
     assert not (tmp_path / "many").exists()  # nothing was written
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a machine without a GPU")
+def test_local_refuses_use_gpu_without_a_gpu_by_key(data_dir, tmp_path):
+    cfg = local_config(data_dir, tmp_path, "gpu", "scaling.use_gpu=true", "precision=fp32")
+    with pytest.raises(ConfigError, match="config key 'scaling.use_gpu' is true but torch sees no CUDA GPU"):
+        run_training(cfg, runtime="local")
+    assert not (tmp_path / "gpu").exists()
+
+
 def test_local_refuses_object_store_storage_by_key(data_dir, tmp_path):
     cfg = local_config(data_dir, tmp_path, "s3", "run.storage_path=s3://bucket/runs")
     with pytest.raises(ConfigError, match="config key 'run.storage_path' is 's3://bucket/runs' but --local"):

@@ -44,10 +44,11 @@ class LocalRuntime:
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path, keep: int):
+    def __init__(self, run_dir: Path, keep: int, use_gpu: bool):
         self.run_dir = Path(run_dir)
         self.keep = keep
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        # As under Ray Train: the GPU only when the job asks for one (scaling.use_gpu).
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.last_metrics: dict[str, Any] = {}
         self.last_checkpoint: str | None = None
 
@@ -117,6 +118,9 @@ class LocalLauncher:
         if is_uri(cfg.run.storage_path):
             raise ConfigError(f"config key 'run.storage_path' is {cfg.run.storage_path!r} but --local keeps its "
                               "checkpoints in a local folder; give a local path (or a mounted one)")
+        if s.use_gpu and not torch.cuda.is_available():
+            raise ConfigError("config key 'scaling.use_gpu' is true but torch sees no CUDA GPU here; "
+                              "set scaling.use_gpu=false to train on the CPU")
         if cfg.data.loader == "dali" and not dali_importable():
             raise ConfigError("config key 'data.loader' is 'dali' but NVIDIA DALI (nvidia.dali) cannot be imported "
                               "here; set data.loader=torch")
@@ -127,7 +131,7 @@ class LocalLauncher:
     def fit(self, cfg: TrainConfig | PretrainConfig, run_name: str, storage_path: str, *,
             tracking_run_id: str | None, plan: Any) -> Fitted:
         run_dir = run_dir_for(storage_path, run_name)
-        runtime = LocalRuntime(run_dir, cfg.checkpoint.keep)
+        runtime = LocalRuntime(run_dir, cfg.checkpoint.keep, cfg.scaling.use_gpu)
         config = worker_config(cfg, run_name, run_dir, tracking_run_id=tracking_run_id, plan=plan)
         import_object(JOBS[type(cfg)].worker)(config, runtime)
         return Fitted(runtime.last_metrics, runtime.last_checkpoint)
