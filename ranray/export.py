@@ -1,6 +1,6 @@
 """ONNX export of a trained RAN, checked against torch before it is kept.
 
-    export_onnx(trained, out, faces=...)  the whole network (regions, backbone, both attention modules,
+    export_onnx(trained, out, faces)      the whole network (regions, backbone, both attention modules,
                                           classifier) as one ONNX graph with a dynamic batch axis; its
                                           metadata carry the model card, the preprocessing recipe, the
                                           ranray version and the source weights' sha256. The graph is
@@ -11,6 +11,7 @@
                                           TOLERANCE
     photo_faces / dataset_faces           real faces to check on: photographs aligned as `ranray predict`
                                           aligns them, or a prepared dataset's aligned faces
+    random_faces                          noise, for when no real face is at hand
 
 The graph's inputs are what predict hands the network: `images` (N, 3, FACE_SIZE, FACE_SIZE) float32,
 aligned RGB faces normalised as ranray.data.schema.normalize does, and, for region_mode=landmark
@@ -44,7 +45,7 @@ DEFAULT_OPSET = 17
 OUTPUTS = ("logits", "probabilities", "self_attention", "relation_attention")
 # How far onnxruntime may be from torch on real faces, per output: max |difference|, for logits divided
 # by the face's largest |logit| (at least 1), since the two runtimes' fp32 kernels sum in other orders
-# and the rounding grows with the values summed. Measured on the shipped model (32 FERPlus test faces
+# and the rounding grows with the values summed. Measured on the shipped model (31 FERPlus test faces
 # and the astronaut, batch 1 and 32): logits 1.1e-5 of the largest (7.9e-5 absolute at logits up to
 # 10.8), probabilities 6.2e-6, self-attention 3.0e-7, relation-attention 4.8e-7.
 TOLERANCE = {"logits": 1e-4, "probabilities": 1e-4, "self_attention": 1e-5, "relation_attention": 1e-5}
@@ -147,7 +148,10 @@ def export_onnx(trained: TrainedModel, out_path: str | os.PathLike, faces: Faces
     try:
         export_graph(trained.net, tmp, model_inputs(trained, faces.rows(2)), names, opset)
         write_metadata(tmp, metadata(trained, sha256))
-        check = check_onnx(trained, tmp, faces)
+        try:
+            check = check_onnx(trained, tmp, faces)
+        except OnnxMismatch as exc:
+            raise OnnxMismatch(f"{out_path} not written: {exc}") from exc
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -274,10 +278,11 @@ def check_onnx(trained: TrainedModel, path: str | os.PathLike, faces: Faces,
             expected = wrapper(*inputs)
         for name, g, e in zip(OUTPUTS, got, expected):
             if g.shape != tuple(e.shape):
-                raise OnnxMismatch(f"{path}: output {name} has shape {g.shape} at batch {batch}, torch {tuple(e.shape)}")
+                raise OnnxMismatch(f"the graph's output {name} has shape {g.shape} at batch {batch}, "
+                                   f"torch {tuple(e.shape)}")
             error = output_error(name, g, e.numpy())
             if not error <= tolerance[name]:  # NaN fails too
-                raise OnnxMismatch(f"{path}: output {name} differs from torch by {error:.2e}{_relative(name)} at "
+                raise OnnxMismatch(f"the graph's output {name} differs from torch by {error:.2e}{_relative(name)} at "
                                    f"batch {batch} (tolerance {tolerance[name]:.0e})")
             worst[name] = max(worst[name], error)
     return CheckReport(len(faces), faces.sources, batches, worst, dict(tolerance))

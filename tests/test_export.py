@@ -105,8 +105,8 @@ def test_an_export_that_disagrees_with_its_model_is_reported_by_output(shipped, 
     other = load_trained_model(SHIPPED)
     with torch.no_grad():
         other.net.classifier.bias += 0.01
-    with pytest.raises(OnnxMismatch, match=r"output logits differs from torch by \d\.\d\de-0[34] of the largest "
-                                           r"\|logit\| at batch 1 \(tolerance 1e-04\)"):
+    with pytest.raises(OnnxMismatch, match=r"the graph's output logits differs from torch by \d\.\d\de-0[34] of the "
+                                           r"largest \|logit\| at batch 1 \(tolerance 1e-04\)"):
         check_onnx(other, report.path, faces)
 
 
@@ -130,6 +130,16 @@ def test_a_tampered_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
     assert main(["export", "--model", str(weights), "--onnx", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(weights) in err[0] and "corrupt: sha256" in err[0], err
+    assert not out.exists()
+
+
+def test_a_photo_without_a_face_is_refused_by_name(tmp_path, capsys):
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(blank)
+    out = tmp_path / "x.onnx"
+    assert main(["export", "--onnx", str(out), "--faces", str(blank)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ranray export: no face found in {blank} (HOG detector, as `ranray predict` runs it)"]
     assert not out.exists()
 
 

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "export a trained RAN to ONNX (dynamic batch, model card and preprocessing in the metadata), checked against torch"
+HELP = ("export a trained RAN to ONNX (dynamic batch, model card and preprocessing in the metadata), "
+        "checked against torch")
 # The model kept in the repository: --model's default while it is there.
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "ferplus_ran_cpu" / "best.pt"
 OWN_TEST_FACES = 8
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ranray.data.schema import DatasetError
     from ranray.export import DEFAULT_OPSET, OnnxMismatch, export_onnx
     from ranray.train.checkpoint import CheckpointError
     from ranray.train.evaluate import load_trained_model
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         trained = load_trained_model(args.model, tracking_uri=args.tracking_uri)
         faces = check_faces(trained, args.faces)
         report = export_onnx(trained, args.onnx, faces, opset=args.opset or DEFAULT_OPSET)
-    except (FileNotFoundError, ValueError, CheckpointError, OnnxMismatch) as err:
+    except (FileNotFoundError, ValueError, CheckpointError, DatasetError, OnnxMismatch) as err:
         print(f"ranray export: {err}", file=sys.stderr)
         return 2
     print(f"ranray export: {trained.source} -> {report.path} (opset {report.opset}, dynamic batch; inputs "
