@@ -63,7 +63,7 @@ def test_the_blocker_blocks(without_training, tmp_path):
     assert done.returncode != 0 and "No module named 'mlflow'" in done.stderr
 
 
-def test_predict_a_photo_and_a_video_and_list_models_without_ray_dali_or_mlflow(without_training, tmp_path):
+def test_predict_a_photo_and_a_video_list_models_and_export_without_ray_dali_or_mlflow(without_training, tmp_path):
     import av
 
     photo = tmp_path / "astronaut.png"
@@ -84,3 +84,7 @@ def test_predict_a_photo_and_a_video_and_list_models_without_ray_dali_or_mlflow(
     assert [row.split(",")[7] for row in rows] == ["happiness"] * 3
     listed = ranray(without_training, "models", cwd=tmp_path)
     assert listed.returncode == 0 and "ferplus_ran_pooled (default)" in listed.stdout, listed.stderr[-2000:]
+    onnx_file = tmp_path / "ran.onnx"
+    exported = ranray(without_training, "export", "--onnx", str(onnx_file), "--faces", str(photo), cwd=tmp_path)
+    assert exported.returncode == 0 and onnx_file.is_file(), exported.stderr[-2000:]
+    assert "1 aligned from" in exported.stdout
