@@ -53,7 +53,7 @@ def test_the_trainer_asks_ray_for_the_range(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fine-tuning on a real Ray: stopped mid-epoch on 2 workers, resumed on 1 and on 3
+# Fine-tuning stopped mid-epoch on 2 Ray workers, resumed on 1 (the local runtime) and on 3 (Ray)
 # ---------------------------------------------------------------------------------------------
 
 TRAIN_ROWS = 96  # train_fixtures.SPLITS["train"]: 6 steps of 2 x 8 per epoch on 2 workers
