@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray instance for the whole session (start-up costs seconds)."""
+"""Shared fixtures: one local Ray instance for the whole session (start-up costs seconds), one
+learnable dataset for the session, a run storage per module."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def ray_session():
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The learnable fixture set (train_fixtures.learnable_dataset), written once a session and only
+    read: every module that trains on it shares it. A test that changes a dataset makes its own."""
+    from train_fixtures import learnable_dataset
+
+    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    """The module's own run storage: run names are unique within a module, never across modules."""
+    return tmp_path_factory.mktemp("runs")

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from cluster_utils import REPO, LocalCluster, proc_stat
 from step_hooks import committed_steps
-from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset
+from train_fixtures import NUM_CLASSES, SPLITS
 
 from ranray.tracking import find_runs
 from ranray.train.commits import last_committed_step
@@ -49,16 +49,6 @@ def cluster():
     # Three one-CPU worker nodes for a two-worker group: a lost node leaves room for the restart.
     with LocalCluster.up(workers=3) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
 
 
 def train_entry(data_dir: Path, storage: Path, name: str, *extra: str) -> list[str]:

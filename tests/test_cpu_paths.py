@@ -1,7 +1,7 @@
 """The shipped jobs on this CPU and on the other kind (ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512
 machine take a plain AVX2 machine's kernels): every job in jobs/ resolves to settings that train
-without crashing, and the demo's own config runs real training steps (through the local runtime,
-and through Ray Train workers).
+without crashing, and the demo's own config runs real training steps and a whole short run through
+the local runtime (`ranray train --local`; the demo config on Ray Train workers: test_demo).
 
 A native crash kills the process it happens in, so every payload runs in a child process and a
 death by signal fails the test with the signal's name, not pytest with it.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import NUM_CLASSES, learnable_dataset
+from train_fixtures import NUM_CLASSES
 
 from ranray.config import PretrainConfig, TrainConfig, load_config
 from ranray.hardware import CpuInfo, HardwareError, cpu_info
@@ -27,11 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "demo.yaml"
 CPU = torch.device("cpu")
 ISA_PATHS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
 
 
 def run_child(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -58,13 +53,12 @@ def test_demo_config_trains_on_both_cpu_paths(isa, data_dir, tmp_path):
     assert state["step"] == 2 and state["config"]["precision"] == "auto"
 
 
-def test_shipped_demo_config_trains_through_ranray_train(ray_session, tmp_path):
-    """jobs/demo.yaml as shipped, through the real CLI and Ray Train workers, one short epoch."""
-    data = learnable_dataset(tmp_path / "ds")
-    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    done = run_child([sys.executable, "-m", "ranray.cli", "train", "--config", str(DEMO), f"data.dir={data}",
-                      f"run.storage_path={tmp_path / 'runs'}", "run.name=demo-config", "epochs=1",
-                      f"model.num_classes={NUM_CLASSES}"], env, timeout=600)
+def test_shipped_demo_config_trains_through_ranray_train(data_dir, tmp_path):
+    """jobs/demo.yaml as shipped, through the real CLI, one short epoch: on the local runtime, so on one
+    worker (`ranray demo` trains it on 2 Ray Train workers: test_demo)."""
+    done = run_child([sys.executable, "-m", "ranray.cli", "train", "--local", "--config", str(DEMO),
+                      f"data.dir={data_dir}", f"run.storage_path={tmp_path / 'runs'}", "run.name=demo-config",
+                      "epochs=1", f"model.num_classes={NUM_CLASSES}", "scaling.num_workers=1"], {}, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "val accuracy (last / best)" in done.stdout
     assert (tmp_path / "runs" / "demo-config" / "model" / "final.pt").is_file()

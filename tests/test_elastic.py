@@ -53,32 +53,32 @@ def test_the_trainer_asks_ray_for_the_range(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fine-tuning on a real Ray: stopped mid-epoch on 2 workers, resumed on 1 and on 3
+# Fine-tuning stopped mid-epoch on 2 Ray workers, resumed on 1 (the local runtime) and on 3 (Ray)
 # ---------------------------------------------------------------------------------------------
 
 TRAIN_ROWS = 96  # train_fixtures.SPLITS["train"]: 6 steps of 2 x 8 per epoch on 2 workers
+RUNTIMES = {1: "local", 3: "ray"}  # one worker: the local runtime, which resumes a Ray run's checkpoints too
 
 
 @pytest.fixture(scope="module")
-def resumed_runs(ray_session, tmp_path_factory) -> dict[int, object]:
+def resumed_runs(ray_session, data_dir, tmp_path_factory) -> dict[int, object]:
     """Rank 0 fails after step 3 (max_failures 0): the step-2 checkpoint, 32 of the epoch's 96 rows
-    used, is resumed from a copy of the run on 1 and on 3 workers."""
-    from train_fixtures import learnable_dataset, tiny_config
+    used, is resumed from a copy of the run on 1 worker (the local runtime) and on 3 (Ray)."""
+    from train_fixtures import tiny_config
 
     from ranray.failures import RunFailed
     from ranray.train.launch import run_training
 
     tmp = tmp_path_factory.mktemp("elastic_ft")
-    data = learnable_dataset(tmp / "ds")
     hooks = ("step_hooks:KeysLog", "step_hooks:fail_at_step_3")
     with pytest.raises(RunFailed):
-        run_training(tiny_config(data, tmp / "first", "ft", "checkpoint.max_failures=0", hooks=hooks))
+        run_training(tiny_config(data_dir, tmp / "first", "ft", "checkpoint.max_failures=0", hooks=hooks))
     results = {}
-    for workers in (1, 3):
+    for workers, runtime in RUNTIMES.items():
         storage = tmp / f"on{workers}"
         shutil.copytree(tmp / "first", storage)
-        results[workers] = run_training(tiny_config(data, storage, "ft", "checkpoint.max_failures=0",
-                                                    f"scaling.num_workers={workers}", hooks=hooks))
+        results[workers] = run_training(tiny_config(data_dir, storage, "ft", "checkpoint.max_failures=0",
+                                                    f"scaling.num_workers={workers}", hooks=hooks), runtime=runtime)
     return results
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
-from train_fixtures import learnable_dataset, tiny_config
+from train_fixtures import tiny_config
 
 from ranray.cli import main
 from ranray.data.schema import FACE_SIZE, PIXEL_MEAN, PIXEL_STD
@@ -28,11 +28,6 @@ from ranray.pretrained import shipped_weights
 from ranray.train.launch import run_training
 
 SHIPPED = shipped_weights()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("export") / "ds")
 
 
 @pytest.fixture(scope="module")

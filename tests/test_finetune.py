@@ -2,6 +2,9 @@
 
 One failure-free run is the reference; a run with an injected worker failure and a run resumed
 over a truncated checkpoint must apply exactly the same steps, on the same batches, once each.
+A job that fails for good marks its MLflow run FAILED: that is the driver's, the same for both
+runtimes, so it runs through the local runtime (a Ray worker's death and its FAILED run:
+test_worker_death).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import yaml
 from mlflow_reads import metric_history
 from step_hooks import committed_steps
-from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
 
 from ranray.config import OptimConfig, flatten
 from ranray.data.loader import build_loader
@@ -33,16 +36,6 @@ from ranray.train.ray_train import build_trainer
 
 STEPS_PER_EPOCH = SPLITS["train"] // (2 * 8)  # 2 workers, batch 8, drop_last
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +187,11 @@ def test_truncated_newest_checkpoint_is_skipped_on_rerun(baseline, data_dir, sto
     assert {"params", "metrics", "status"} <= kinds
 
 
-def test_job_failure_marks_the_mlflow_run_failed(ray_session, data_dir, storage):
-    cfg = tiny_config(data_dir, storage, "fails", "epochs=1", hooks=("step_hooks:fail_at_step_1",))
+def test_job_failure_marks_the_mlflow_run_failed(data_dir, storage):
+    cfg = tiny_config(data_dir, storage, "fails", "epochs=1", "scaling.num_workers=1",
+                      hooks=("step_hooks:fail_at_step_1",))
     with pytest.raises(Exception, match="fail_at_step"):
-        run_training(cfg)
+        run_training(cfg, runtime="local")
     run_dir = storage / "fails"
     runs = find_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "ranray-test")
     assert [r["status"] for r in runs] == ["FAILED"]

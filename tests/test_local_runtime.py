@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow_reads import metric_history
 from step_hooks import committed_steps
-from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
 
 from ranray.cli import main
 from ranray.config import ConfigError, save_config
@@ -35,16 +35,6 @@ TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 def local_config(data_dir: Path, storage: Path, name: str, *overrides: str, hooks: tuple[str, ...] = ()):
     return tiny_config(data_dir, storage, name, "scaling.num_workers=1", *overrides, hooks=hooks)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,13 @@ def synthetic_prepared(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, data_dir) -> dict[str, Path]:
     from ranray.models import build_ran
 
     root = tmp_path_factory.mktemp("cards")
     out = {}
-    for kind, data_dir in (("synthetic", synthetic_prepared(root / "s")), ("real", learnable_dataset(root / "r"))):
-        cfg = tiny_config(data_dir, root / "runs", kind)
+    for kind, prepared in (("synthetic", synthetic_prepared(root / "s")), ("real", data_dir)):
+        cfg = tiny_config(prepared, root / "runs", kind)
         out[kind], _ = export_model(build_ran(cfg.model).state_dict(), cfg, root / kind / "best.pt")
     return out
 

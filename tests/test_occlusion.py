@@ -9,10 +9,13 @@ lower its weight and cost the accuracy, covering a top region much less).
 
 The study runs on the same fixture set (prepared shards with occlusion / pose30 / pose45 flags, as
 the real FERPlus prepared with RAN's lists), as a smoke run: 1 seed, whole_face and ran, 2 steps.
+Both trainings run through the local runtime (one worker, this process): what is measured is the
+model and the study's bookkeeping, not Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -24,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, tiny_config
 
 from ranray.config import ModelConfig, save_config
 from ranray.data.loader import build_loader
@@ -57,11 +60,6 @@ def contrast_ran(num_regions: int = 4) -> RegionAttentionNetwork:
         net.alpha.weight.copy_(torch.tensor([[12.0, 0.0]]))
         net.alpha.bias.fill_(-3.0)
     return net.eval()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
 
 
 def test_cover_box_fills_exactly_the_box():
@@ -98,12 +96,12 @@ def test_a_whole_face_model_is_refused(data_dir):
         measure_attention_shift(net, loader, use_landmarks=False)
 
 
-def test_trained_ran_attends_to_the_class_region_and_loses_it_covered(ray_session, data_dir, tmp_path):
+def test_trained_ran_attends_to_the_class_region_and_loses_it_covered(data_dir, tmp_path):
     from ranray.train.launch import run_training
 
     cfg = tiny_config(data_dir, tmp_path / "runs", "occlusion", "model.num_regions=4", "epochs=3",
-                      "checkpoint.every_n_steps=0")
-    result = run_training(cfg)
+                      "checkpoint.every_n_steps=0", "scaling.num_workers=1")
+    result = run_training(cfg, runtime="local")
     shift = measure_trained(result.best_model, data_dir, "test")
     again, files = report_trained(result.best_model, data_dir, tmp_path / "shift", tracking_uri=result.tracking_uri,
                                   mlflow_run_id=result.mlflow_run_id)
@@ -228,8 +226,17 @@ def run_study(study, tmp_path, data_dir, *extra):
                        "--no-results", "protocol=ran", "max_steps=2", *extra])
 
 
-def test_study_on_a_prepared_set_with_subset_flags(ray_session, study, data_dir, tmp_path, capsys):
-    save_config(tiny_config(data_dir, tmp_path / "unused", "job", "checkpoint.every_n_steps=0"), tmp_path / "job.yaml")
+@pytest.fixture
+def local_training(monkeypatch):
+    """The study's runs (bench/occlusion.py calls ranray.train.launch.run_training) on the local runtime."""
+    import ranray.train.launch as launch
+
+    monkeypatch.setattr(launch, "run_training", functools.partial(launch.run_training, runtime="local"))
+
+
+def test_study_on_a_prepared_set_with_subset_flags(ray_session, local_training, study, data_dir, tmp_path, capsys):
+    job = tiny_config(data_dir, tmp_path / "unused", "job", "checkpoint.every_n_steps=0", "scaling.num_workers=1")
+    save_config(job, tmp_path / "job.yaml")
     assert run_study(study, tmp_path, data_dir) == 0
     log = tmp_path / "study" / "runs.jsonl"
     rows = {r["variant"]: r for r in map(json.loads, log.read_text().splitlines())}
@@ -239,7 +246,7 @@ def test_study_on_a_prepared_set_with_subset_flags(ray_session, study, data_dir,
         assert r["data"] == str(data_dir.resolve()) and r["overrides"] == ["protocol=ran", "max_steps=2"]
         for key in ("all", "mean_class", "clean", "occluded", "pose30", "pose45"):
             assert 0.0 <= r[key] <= 1.0, (variant, key, r[key])
-        # max_steps=2 stops inside the first epoch (train + val: 128 faces, 8 steps of 2 x 8): none completed
+        # max_steps=2 stops inside the first epoch (train + val: 128 faces, 16 steps of 1 x 8): none completed
         assert r["train_s"] > 0 and r["faces_per_s"] > 0 and r["load"] >= 0 and r["epochs_trained"] == 0
         # mean class: the mean of the per-class recalls of the evaluation's confusion matrix
         saved = json.loads((Path(r["run_dir"]) / "eval_test" / "eval_test.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_fixtures import calibrated, first_face_file, learnable_dataset, tiny_config
+from train_fixtures import calibrated, first_face_file, tiny_config
 
 from ranray.cli import main
 from ranray.config import ConfigError, ModelConfig
@@ -170,11 +170,6 @@ def test_weights_of_one_mode_are_refused_by_the_other_and_old_weights_are_crops(
 # ---------------------------------------------------------------------------------------------
 # The inference paths on a pooled model
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("pooled") / "ds")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
-from train_fixtures import NUM_CLASSES, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, tiny_config
 
 from ranray.cli import main
 from ranray.config import CLASS_NAMES
@@ -25,12 +25,12 @@ FACE = (172, 70, 268, 170)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
+def model(tmp_path_factory, data_dir) -> Path:
     """An exported (untrained) tiny RAN: prediction's plumbing does not need a good one."""
     from ranray.models import build_ran
 
     root = tmp_path_factory.mktemp("predict")
-    cfg = tiny_config(learnable_dataset(root / "ds"), root / "runs", "predict")
+    cfg = tiny_config(data_dir, root / "runs", "predict")
     torch.manual_seed(0)  # the untrained model's class decides the label's width: not the suite's RNG state
     path, _ = export_model(build_ran(cfg.model).state_dict(), cfg, root / "model" / "best.pt")
     return path

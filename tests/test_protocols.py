@@ -1,4 +1,6 @@
-"""Evaluation protocols (clean, ran) on a real local Ray, and the paper's ablations as models."""
+"""Evaluation protocols (clean, ran) through the local runtime (one worker, this process), and the
+paper's ablations as models. The protocols are the loop's: what Ray adds (2 workers' shares of a
+split counted once) is in test_finetune's Ray run."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow_reads import metric_history
-from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
 
 from ranray.config import ConfigError, ModelConfig, load_config, TrainConfig
 from ranray.data.schema import DatasetError, shard_paths
@@ -16,16 +18,6 @@ from ranray.cli import main
 from ranray.tracking import find_runs, list_artifacts
 from ranray.train.launch import describe, run_training
 from ranray.train.protocols import protocol_splits
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
 
 
 def test_protocol_splits():
@@ -44,14 +36,19 @@ def test_joined_splits_read_both(data_dir):
         shard_paths(data_dir, "train+nope")
 
 
-@pytest.fixture(scope="module")
-def clean_run(ray_session, data_dir, storage):
-    return run_training(tiny_config(data_dir, storage, "clean", "log_every_n_steps=50"))
+def local_run(data_dir: Path, storage: Path, name: str, *overrides: str):
+    return run_training(tiny_config(data_dir, storage, name, "scaling.num_workers=1", "log_every_n_steps=50",
+                                    *overrides), runtime="local")
 
 
 @pytest.fixture(scope="module")
-def ran_run(ray_session, data_dir, storage):
-    return run_training(tiny_config(data_dir, storage, "ran", "protocol=ran", "log_every_n_steps=50"))
+def clean_run(data_dir, storage):
+    return local_run(data_dir, storage, "clean")
+
+
+@pytest.fixture(scope="module")
+def ran_run(data_dir, storage):
+    return local_run(data_dir, storage, "ran", "protocol=ran")
 
 
 def test_clean_protocol_selects_on_val_and_tests_the_best_model_once(clean_run):
@@ -72,7 +69,7 @@ def test_clean_protocol_selects_on_val_and_tests_the_best_model_once(clean_run):
 
 def test_ran_protocol_trains_on_train_and_val_and_reports_the_last_epoch(ran_run):
     result = ran_run
-    steps_per_epoch = (SPLITS["train"] + SPLITS["val"]) // (2 * 8)
+    steps_per_epoch = (SPLITS["train"] + SPLITS["val"]) // 8  # one worker, batch 8
     assert result.metrics["step"] == 2 * steps_per_epoch  # val rows are training rows here
     (run,) = [r for r in find_runs(result.tracking_uri, "ranray-test") if r["run_id"] == result.mlflow_run_id]
     assert run["params"]["protocol"] == "ran" and run["tags"]["protocol"] == "ran"

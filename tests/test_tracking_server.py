@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_reads import metric_history
 from mlflow_server import MlflowServer, StubProxy
 from PIL import Image
-from train_fixtures import NUM_CLASSES, SPLITS, learnable_dataset, tiny_config
+from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
 
 from ranray.cli import main
 from ranray.config import TrackingConfig
@@ -65,11 +65,6 @@ def _fast_http_failures(monkeypatch):
     # A failing call costs one immediate retry instead of the defaults' seconds of backoff.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("data") / "ds")
 
 
 def tracker_warnings(caplog) -> list[str]:

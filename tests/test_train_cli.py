@@ -21,11 +21,6 @@ from ranray.train.launch import preflight
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return learnable_dataset(tmp_path_factory.mktemp("cli") / "ds")
-
-
-@pytest.fixture(scope="module")
 def untrained_model(tmp_path_factory, data_dir) -> Path:
     """An exported (untrained) RAN: enough for the evaluate / predict plumbing."""
     from ranray.models import build_ran
