@@ -336,12 +336,12 @@ def split_flags(info: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_and_measure(cfg: TrainConfig, attention_faces: int) -> dict:
+def train_and_measure(cfg: TrainConfig, attention_faces: int, runtime: str) -> dict:
     from ranray.models.ran import VARIANTS as MODEL_VARIANTS
     from ranray.train.launch import run_training
 
     started = time.perf_counter()
-    result = run_training(cfg)
+    result = run_training(cfg, runtime=runtime)
     row = {"train_s": time.perf_counter() - started, "faces_per_s": result.metrics.get("images_per_s"),
            "epochs_trained": result.metrics.get("epoch"), "steps": result.metrics.get("step"),
            "protocol": cfg.protocol, "run_dir": str(result.run_dir),
@@ -387,10 +387,11 @@ def region_attention(model: Path, cfg: TrainConfig, result: TrainingResult, atte
     return row
 
 
-def run_one(study: Study, variant: str, seed: int, data_dir: Path, workdir: Path, attention_faces: int) -> dict:
+def run_one(study: Study, variant: str, seed: int, data_dir: Path, workdir: Path, attention_faces: int,
+            runtime: str) -> dict:
     print(f"[occlusion] {variant} seed {seed}, {study.epochs[variant]} epochs: training ({time.strftime('%H:%M:%S')}, "
           f"load {os.getloadavg()[0]:.1f})", flush=True)
-    row = train_and_measure(study.config(variant, seed, data_dir, workdir), attention_faces)
+    row = train_and_measure(study.config(variant, seed, data_dir, workdir), attention_faces, runtime)
     row.update(study.identity(variant, seed))
     with (workdir / "runs.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -636,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-faces", type=int, default=96, help="clean test faces covered region by region")
     p.add_argument("--data", help="a prepared dataset with subset flags for every seed instead of synthetic faces")
     p.add_argument("--workdir", default="runs/occlusion", help="data, runs and runs.jsonl (default runs/occlusion)")
+    p.add_argument("--runtime", choices=("ray", "local"), default="ray",
+                   help="where each run trains: Ray Train (default) or this process (ranray train --local)")
     p.add_argument("--no-results", action="store_true", help="print the table only (no RESULTS.md, no json)")
     p.add_argument("--table-only", action="store_true",
                    help="no training: the table of this command line's runs already in <workdir>/runs.jsonl")
@@ -679,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in range(size.seeds):
         for v in study.variants:
             if (v, s) not in runs:
-                runs[(v, s)] = run_one(study, v, s, data[s], workdir, args.attention_faces)
+                runs[(v, s)] = run_one(study, v, s, data[s], workdir, args.attention_faces, args.runtime)
     return write_table(args, size, study, runs)
 
 

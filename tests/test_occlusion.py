@@ -15,7 +15,6 @@ model and the study's bookkeeping, not Ray.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import math
@@ -226,18 +225,10 @@ def run_study(study, tmp_path, data_dir, *extra):
                        "--no-results", "protocol=ran", "max_steps=2", *extra])
 
 
-@pytest.fixture
-def local_training(monkeypatch):
-    """The study's runs (bench/occlusion.py calls ranray.train.launch.run_training) on the local runtime."""
-    import ranray.train.launch as launch
-
-    monkeypatch.setattr(launch, "run_training", functools.partial(launch.run_training, runtime="local"))
-
-
-def test_study_on_a_prepared_set_with_subset_flags(ray_session, local_training, study, data_dir, tmp_path, capsys):
+def test_study_on_a_prepared_set_with_subset_flags(ray_session, study, data_dir, tmp_path, capsys):
     job = tiny_config(data_dir, tmp_path / "unused", "job", "checkpoint.every_n_steps=0", "scaling.num_workers=1")
     save_config(job, tmp_path / "job.yaml")
-    assert run_study(study, tmp_path, data_dir) == 0
+    assert run_study(study, tmp_path, data_dir, "--runtime", "local") == 0
     log = tmp_path / "study" / "runs.jsonl"
     rows = {r["variant"]: r for r in map(json.loads, log.read_text().splitlines())}
     assert sorted(rows) == ["ran", "whole_face"]
