@@ -105,7 +105,7 @@ def main() -> None:
             "decode ms/frame", "detect ms/processed frame", "align+classify ms/face", "annotate ms/frame"], rows,
            f"{W}x{H} H.264 clip written from skimage's astronaut on coffee ({n} frames at {args.fps} fps, a face in "
            f"3/4 of them), PyAV {av.__version__}, dlib HOG detector (upsampled once: frames < 800 px), model "
-           f"{Path(args.model).relative_to(ROOT) if Path(args.model).is_relative_to(ROOT) else args.model}, torch "
+           f"{trained.source}, torch "
            f"threads {torch.get_num_threads()}, fastest of {args.repeats} runs a row; load average at the end {load}. {cpu_info().describe()}.")
 
 
