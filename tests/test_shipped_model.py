@@ -141,3 +141,13 @@ def test_predict_evaluate_and_the_mlflow_model_agree_on_the_same_faces(trained, 
         logits = trained.net(to_grey(faces_tensor(faces))).logits.float()
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
     assert report.metrics["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_ranray_evaluate_uses_the_shipped_model_when_no_model_is_given(faces_8_classes, tmp_path, capsys,
+                                                                      monkeypatch):
+    root, _, _ = faces_8_classes
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--data", str(root)]) == 0
+    assert f"with {WEIGHTS}" in capsys.readouterr().out
+    # Its report goes to ./eval_test: the package's folder is not the user's to write into.
+    assert (tmp_path / "eval_test" / "eval_test.json").is_file() and not (MODEL_DIR / "eval_test").exists()
