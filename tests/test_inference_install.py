@@ -4,13 +4,13 @@ importing any of the three fails, as where they are not installed."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from blocked_imports import env_without
 from PIL import Image
 from skimage import data
 
@@ -18,21 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 TRAINING_ONLY = ("ray", "nvidia-dali", "mlflow")
 
-BLOCKER = '''
-import sys
-
-BLOCKED = ("ray", "mlflow", "nvidia.dali")
-
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Blocker())
-'''
 
 
 def test_the_base_install_has_no_training_system_and_the_train_extra_has_it():
@@ -47,9 +32,7 @@ def test_the_base_install_has_no_training_system_and_the_train_extra_has_it():
 
 @pytest.fixture(scope="module")
 def without_training(tmp_path_factory) -> dict[str, str]:
-    site = tmp_path_factory.mktemp("site")
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return env_without(tmp_path_factory.mktemp("site"), ("ray", "mlflow", "nvidia.dali"))
 
 
 def ranray(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ The comparison with a Ray run's directory and exported model is in test_finetune
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blocked_imports import env_without
 from mlflow_reads import metric_history
 from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
@@ -204,31 +204,11 @@ def test_local_refuses_dali_where_it_cannot_be_imported(data_dir, tmp_path, monk
 # Without Ray, MLflow, DALI and dlib
 # ---------------------------------------------------------------------------------------------
 
-BLOCKER = '''
-"""Imported at start-up (sitecustomize): importing Ray, MLflow, DALI or dlib fails, as where they
-are not installed."""
-import sys
-
-BLOCKED = ("ray", "mlflow", "nvidia.dali", "dlib")
-
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Blocker())
-'''
-
 
 @pytest.fixture(scope="module")
 def torch_only(tmp_path_factory) -> dict[str, str]:
     """The environment of a child process in which `import ray` (mlflow, nvidia.dali, dlib) fails."""
-    site = tmp_path_factory.mktemp("torch_only")
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return env_without(tmp_path_factory.mktemp("torch_only"), ("ray", "mlflow", "nvidia.dali", "dlib"), str(TESTS))
 
 
 def ranray_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
