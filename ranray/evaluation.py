@@ -137,7 +137,7 @@ def evaluate(checkpoint: str | Path | None, data_dir: str | Path, split: str = "
                              num_classes=trained.cfg.model.num_classes, prefix=split,
                              class_names=trained.class_names,
                              progress=PROGRESS_STREAMS.get(progress, lambda: progress)(),
-                             grey=trained.preprocessing.colour == "grey")
+                             grey=trained.preprocessing.grey)
     report = EvalReport(split=split, metrics=result.metrics, confusion=result.confusion.tolist(),
                         class_names=list(result.class_names), checkpoint=trained.source,
                         data_dir=str(data_dir), skipped=loader.skipped, trained_on=trained.data)

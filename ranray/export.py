@@ -41,7 +41,7 @@ from ranray.data.schema import FACE_SIZE, NUM_LANDMARKS, shard_paths
 from ranray.model_card import describe
 from ranray.train.checkpoint import verify_checkpoint
 from ranray.inference import TrainedModel, face_tensor, region_names, to_grey
-from ranray.prediction import detect_faces, face_aligner, open_image
+from ranray.prediction import align_faces, detect_faces, face_aligner, open_image
 
 DEFAULT_OPSET = 17
 OUTPUTS = ("logits", "probabilities", "self_attention", "relation_attention")
@@ -163,7 +163,7 @@ def export_onnx(trained: TrainedModel, out_path: str | os.PathLike, faces: Faces
 
 def exported(trained: TrainedModel) -> ExportedRAN:
     # The wrapper's own mode decides dropout and BN in the trace.
-    return ExportedRAN(trained.net, trained.preprocessing.colour == "grey").eval()
+    return ExportedRAN(trained.net, trained.preprocessing.grey).eval()
 
 
 def export_graph(wrapper: ExportedRAN, path: Path, example: tuple[torch.Tensor, ...], names: list[str],
@@ -315,24 +315,16 @@ def output_error(name: str, got: np.ndarray, expected: np.ndarray) -> float:
 def photo_faces(trained: TrainedModel, photos: Sequence[str | os.PathLike | tuple[str, Any]]) -> Faces:
     """Every face of every photograph (a path, or a (name, PIL image) pair), detected and aligned as
     `ranray predict` does it (HOG detector, the model's own template); ValueError when one has none."""
-    from ranray.data.sources.common import RowReject
-
     aligner = face_aligner(trained)
     images, landmarks, sources = [], [], []
     for photo in photos:
         name, image = photo if isinstance(photo, tuple) else (str(photo), open_image(photo))
-        found = 0
-        for box in detect_faces(np.asarray(image.convert("L")), "hog"):
-            try:
-                aligned = aligner.align(image, box=box)
-            except RowReject:  # predict skips such a face too
-                continue
-            images.append(face_tensor(aligned.image))
-            landmarks.append(torch.from_numpy(aligned.landmarks)[None])
-            found += 1
-        if not found:
+        found = align_faces(aligner, image, detect_faces(np.asarray(image.convert("L")), "hog"))
+        if not found.boxes:  # a box the landmark fit refuses is skipped, as predict skips it
             raise ValueError(f"no face found in {name} (HOG detector, as `ranray predict` runs it)")
-        sources.append(f"{found} aligned from {name}")
+        images.append(found.images)
+        landmarks.append(found.landmarks)
+        sources.append(f"{len(found.boxes)} aligned from {name}")
     return Faces(torch.cat(images), torch.cat(landmarks), sources)
 
 

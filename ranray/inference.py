@@ -89,6 +89,10 @@ class Preprocessing:
                    colour="grey" if card.get("source") in GREY_SOURCES else "rgb",
                    mean=float(PIXEL_MEAN), std=float(PIXEL_STD))
 
+    @property
+    def grey(self) -> bool:
+        return self.colour == "grey"
+
     def rows(self) -> list[tuple[str, str]]:
         return [("detector", f"{self.detector}, {self.landmarks} landmarks"),
                 ("alignment", f"similarity to the {self.align_template} template, {self.aligned_size}x"
@@ -230,7 +234,7 @@ def classify_aligned(trained: TrainedModel, images: torch.Tensor,
         raise ValueError("this model cuts its regions at landmarks (model.region_mode=landmark): "
                          "pass the 68 aligned landmarks of every face")
     landmarks = landmarks if trained.uses_landmarks else None
-    if trained.preprocessing.colour == "grey":
+    if trained.preprocessing.grey:
         images = to_grey(images)
     out = trained.net(images, landmarks)
     probs = torch.softmax(out.logits.float(), 1).tolist()

@@ -109,17 +109,20 @@ def face_aligner(trained: TrainedModel) -> Any:
 
 @dataclass
 class ImageFaces:
-    """The faces of one image that aligned, with the model's answer for each (classified as one batch)."""
+    """The faces of one image that aligned (model inputs, one row each) and, once classified as one
+    batch, the model's answer for each."""
 
     boxes: list[tuple[float, ...]] = field(default_factory=list)
-    results: list[FaceResult] = field(default_factory=list)
+    images: torch.Tensor | None = None  # (N, 3, S, S) normalised (face_tensor); None when none aligned
+    landmarks: torch.Tensor | None = None  # (N, 68, 2) aligned pixels
     fallbacks: list[bool] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # a box the landmark fit refused, and why
+    results: list[FaceResult] = field(default_factory=list)
 
 
-def classify_faces(trained: TrainedModel, aligner: Any, image: Image.Image,
-                   boxes: Sequence[tuple[float, float, float, float]]) -> ImageFaces:
-    """Align the face in every box of `image` and classify them together (photos and video frames)."""
+def align_faces(aligner: Any, image: Image.Image, boxes: Sequence[tuple[float, float, float, float]]) -> ImageFaces:
+    """The face in every box of `image`, aligned as the model's training faces were (photos, video
+    frames, and the faces an ONNX export is checked on)."""
     from ranray.data.sources.common import RowReject
 
     out, faces, landmarks = ImageFaces(), [], []
@@ -134,7 +137,16 @@ def classify_faces(trained: TrainedModel, aligner: Any, image: Image.Image,
         faces.append(face_tensor(aligned.image))
         landmarks.append(torch.from_numpy(aligned.landmarks))
     if faces:
-        out.results = classify_aligned(trained, torch.cat(faces), torch.stack(landmarks))
+        out.images, out.landmarks = torch.cat(faces), torch.stack(landmarks)
+    return out
+
+
+def classify_faces(trained: TrainedModel, aligner: Any, image: Image.Image,
+                   boxes: Sequence[tuple[float, float, float, float]]) -> ImageFaces:
+    """Align the face in every box of `image` and classify them together (photos and video frames)."""
+    out = align_faces(aligner, image, boxes)
+    if out.boxes:
+        out.results = classify_aligned(trained, out.images, out.landmarks)
     return out
 
 
