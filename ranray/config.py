@@ -234,6 +234,41 @@ class TrackingConfig:
     uri: str = ""  # empty: MLFLOW_TRACKING_URI, else a sqlite store under the run dir
     experiment: str = "ranray"
     register_model: str = ""  # Model Registry name for a fine-tuning run's best model; empty: logged, not registered
+    # A server with authentication: the file (MLflow's credentials format) holding this job's user
+    # and password, a path on the machines that run the job. Empty: MLFLOW_TRACKING_USERNAME /
+    # _PASSWORD, else the file $RANRAY_MLFLOW_CREDENTIALS names, else ~/.mlflow/credentials.
+    credentials_file: str = ""
+
+
+@dataclass
+class TrackingServerConfig:
+    """The team's MLflow server (`ranray track server`, ranray.tracking_server)."""
+
+    host: str = "0.0.0.0"
+    port: int = 5000
+    # PostgreSQL (postgresql://user@host:5432/db, password in ~/.pgpass) where the team has one;
+    # empty: SQLite files in db_dir, which must be the node's own disk (refused on a network mount)
+    backend_uri: str = ""
+    db_dir: str = "/var/lib/ranray/mlflow"
+    artifacts: str = "/mnt/shared/ranray/mlflow/artifacts"  # a shared folder, or s3://bucket/prefix
+    # Copies of the SQLite databases, made while the server runs and restored by a server that starts
+    # without them (a new head node). Empty: no backups.
+    backup_dir: str = "/mnt/shared/ranray/mlflow/backup"
+    backup_every_s: int = 300
+    admin_user: str = "admin"
+    admin_password_file: str = "~/.ranray/mlflow_admin_password"  # a secret: never a default password
+    default_permission: one_of("ranray.tracking_server:PERMISSIONS") = "READ"  # what a user may do on others' experiments
+    workers: int = 2
+
+    def validate(self) -> None:
+        _check(1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)")
+        _check(self.backup_every_s >= 10, "backup_every_s", "must be >= 10 seconds")
+        _check(self.workers >= 1, "workers", "must be >= 1")
+        _check(bool(self.admin_user), "admin_user", "must name the admin user")
+        _check(bool(self.admin_password_file), "admin_password_file", "must name the file holding the admin password")
+        _check(bool(self.artifacts), "artifacts", "must be a shared folder or an s3:// URI")
+        _check(bool(self.backend_uri or self.db_dir), "db_dir", "must be a folder on the node's own disk "
+                                                                "(or set backend_uri)")
 
 
 @dataclass

@@ -43,9 +43,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
                                      MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH)
 
+from ranray.config import ConfigError
 from ranray.journal import (RunScope, append_record, read_local_log,  # noqa: F401
                             read_run_record, resolve_tracking_uri, write_run_record)
 from ranray.run_dir import RunDir
+from ranray.tracking_access import TrackingAuthError, check_authentication, sqlite_path, use_credentials
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ HTTP_ENV_DEFAULTS = {
 
 def artifact_location_for(tracking_uri: str) -> str | None:
     """Artifacts beside a sqlite database; a server (or other store) decides for itself."""
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     return RunDir(db.parent).mlflow_artifacts.as_uri() if db is not None else None
 
 
@@ -91,6 +93,8 @@ class Tracker(RunScope):
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = resolve_tracking_uri(getattr(config, "uri", "") or "", self.run_dir)
         self.experiment = getattr(config, "experiment", "") or "ranray"
+        self.credentials_file = getattr(config, "credentials_file", "") or ""
+        self.user: str | None = None  # who the server knows this run's writer as (with authentication)
         self.probe_timeout_s = probe_timeout_s
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -260,6 +264,12 @@ class Tracker(RunScope):
             if reason:
                 self._go_offline(f"tracking server {self.tracking_uri} is unreachable ({reason})")
                 return
+            try:
+                creds = use_credentials(self)
+            except ConfigError as exc:  # the driver's check_store refused this before any work
+                self._go_offline(str(exc))
+                return
+            self.user = creds.username if creds else None
         try:
             client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = _get_or_create_experiment(client, self.experiment,
@@ -344,8 +354,11 @@ class Tracker(RunScope):
         append_record(self.local_log, self.run_id, kind, data, step)
 
     def _record_run(self, run_name: str) -> None:
-        write_run_record(self.run_dir, {"run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                                     "experiment": self.experiment, "run_name": run_name})
+        record = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                  "run_name": run_name}
+        if self.user:
+            record["user"] = self.user  # `ranray track sync` pushes as this user
+        write_run_record(self.run_dir, record)
 
     def _recorded_run_id(self) -> str | None:
         record = read_run_record(self.run_dir)
@@ -381,11 +394,13 @@ def synced_log_path(run_dir: str | os.PathLike) -> Path:
 
 
 def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
-                 probe_timeout_s: float = 3.0) -> SyncReport:
+                 probe_timeout_s: float = 3.0, credentials_file: str = "") -> SyncReport:
     """Replay RUN_DIR/metrics.jsonl into the store (default: the one tracking.json names), then
     move the records to metrics.synced.jsonl. A run that was started offline (id `local-...`) is
     created now, in the experiment it was meant for, and tracking.json points at it.
-    Raises SyncError, leaving the local file as it was, when the store fails."""
+    A server with authentication gets the credentials of credentials_file (else as a job finds
+    them: ranray.tracking_access); they should be the run's user's, whom tracking.json names.
+    Raises SyncError, leaving the local file as it was, when the store fails or refuses."""
     rd = RunDir(run_dir)
     recorded = read_run_record(rd)
     uri = tracking_uri or recorded.get("tracking_uri") or resolve_tracking_uri("", rd)
@@ -399,6 +414,7 @@ def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
         reason = _probe(uri, probe_timeout_s)
         if reason:
             raise SyncError(f"tracking server {uri} is unreachable ({reason})")
+        _authenticate_sync(uri, credentials_file, recorded, rd)
     client = MlflowClient(tracking_uri=uri)
     try:
         for record in records:
@@ -411,6 +427,22 @@ def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
     if recorded.get("run_id") in report.run_ids:
         write_run_record(rd, {**recorded, "tracking_uri": uri, "run_id": report.run_ids[recorded["run_id"]]})
     return report
+
+
+def _authenticate_sync(uri: str, credentials_file: str, recorded: dict[str, Any], rd: RunDir) -> None:
+    try:
+        creds = use_credentials(_CredentialsChoice(credentials_file))
+        check_authentication(uri, creds)
+    except (TrackingAuthError, ConfigError) as exc:
+        raise SyncError(f"{exc}; nothing was pushed, the records stay in {rd.offline_metrics}") from None
+    user = recorded.get("user")
+    if user and creds is not None and creds.username != user:
+        log.warning("pushing run records of user '%s' as user '%s'", user, creds.username)
+
+
+@dataclass(frozen=True)
+class _CredentialsChoice:
+    credentials_file: str
 
 
 def _target_run(client: MlflowClient, record: dict[str, Any], report: SyncReport,
@@ -595,13 +627,6 @@ def _probe(uri: str, timeout_s: float) -> str | None:
             return None  # it answered TLS; MLflow has its own certificate settings
         return str(reason)
     return None
-
-
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    return Path(tracking_uri[len(prefix):].split("?", 1)[0])
 
 
 def _key(name: Any) -> str:

@@ -38,7 +38,8 @@ from ranray.config import (ConfigError, SearchSpaceConfig, TrackingConfig, Train
                            from_dict, load_config, save_config, set_dotted, to_dict)
 from ranray.ray_runtime import ensure_ray
 from ranray.run_dir import RunDir
-from ranray.tracking import Tracker, resolve_tracking_uri
+from ranray.tracking import Tracker
+from ranray.tracking_access import check_store
 from ranray.train.jobs import run_dir_for
 from ranray.train.launch import preflight
 from ranray.train.ray_train import build_trainer, fit_or_explain
@@ -171,7 +172,7 @@ def plan_search(config_path: str | Path | None, overrides: Sequence[str] = ()) -
     name = cfg.name or (Path(config_path).stem if config_path else "tune")
     storage = _absolute(cfg.storage_path)
     output_dir = Path(storage) / name / "summary"
-    tracking = dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri, output_dir))
+    tracking = dataclasses.replace(cfg.tracking, uri=check_store(cfg.tracking, output_dir))
     plan = SearchPlan(cfg=cfg, base=base, name=name, storage_path=storage, tracking=tracking,
                       space=param_space(cfg.space))
     try:
@@ -243,7 +244,8 @@ def trial_run_name(search: str, trial_id: str) -> str:
 def trial_config(plan: SearchPlan, params: dict[str, Any], trial_id: str) -> TrainConfig:
     extra = {"run.name": trial_run_name(plan.name, trial_id), "run.storage_path": plan.train_storage,
              "epochs": plan.cfg.max_epochs, "tracking.uri": plan.tracking.uri,
-             "tracking.experiment": plan.tracking.experiment, **train_scaling(plan.cfg, plan.base)}
+             "tracking.experiment": plan.tracking.experiment,
+             "tracking.credentials_file": plan.tracking.credentials_file, **train_scaling(plan.cfg, plan.base)}
     return apply_params(plan.base, params, extra)
 
 

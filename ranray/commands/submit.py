@@ -19,6 +19,12 @@ a local folder for cluster/local.sh, whose nodes share this machine's disk.
 
 Every cluster of this project runs with token authentication; the token comes from
 RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH (or --token-file) or ~/.ray/auth_token, as Ray reads it.
+
+Tracking: the job logs to the cluster's MLflow server. --tracking-uri (default
+$RANRAY_TRACKING_URI; else the nodes' own MLFLOW_TRACKING_URI) goes into the job's runtime_env: a
+URI is no secret. The user's password never does (the dashboard shows every runtime_env): it is a
+file on the cluster (a secret file, a Kubernetes Secret), named by --tracking-credentials, which
+becomes the config key tracking.credentials_file (default: the nodes' $RANRAY_MLFLOW_CREDENTIALS).
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ VERB_CONFIGS = {
     "tune": "TuneConfig",
 }
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+TRACKING_URI_ENV = "RANRAY_TRACKING_URI"
+TRACKED_VERBS = ("train", "demo", "pretrain", "tune")  # the verbs whose config has a tracking section
+SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                   "AWS_SECRET_ACCESS_KEY")
 
 
 def _options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,6 +81,12 @@ def _options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--shared-root", default=SHARED_ROOT,
                         help=f"where the nodes mount the shared storage; replaces {SHARED_ROOT} in the "
                              "job's cluster paths (e.g. a local folder for cluster/local.sh)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="the cluster's MLflow server, e.g. http://10.0.0.5:5000 (default: "
+                             "$RANRAY_TRACKING_URI, else what the nodes set)")
+    parser.add_argument("--tracking-credentials", default=None,
+                        help="a credentials file ON THE CLUSTER for the job's MLflow user (sets "
+                             "tracking.credentials_file; default: the nodes' $RANRAY_MLFLOW_CREDENTIALS)")
     parser.add_argument("--follow", "-f", action="store_true",
                         help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
     parser.add_argument("--dry-run", action="store_true", help="print the command, submit nothing")
@@ -154,6 +170,36 @@ def load_job(working_dir: Path, job: str) -> JobSpec:
         raise ConfigError(f"{sidecar}: 'entrypoint_num_cpus' must be a number >= 0")
     return JobSpec(name=name, config=config, verb=verb, args=list(args), overrides=list(overrides),
                    runtime_env=runtime_env, entrypoint_num_cpus=None if cpus is None else float(cpus))
+
+
+def tracking_runtime_env(spec: JobSpec, uri: str) -> dict[str, Any]:
+    """The job's runtime_env with the tracking server's URI; refuses credentials in it."""
+    from ranray.config import ConfigError
+
+    env_vars = dict(spec.runtime_env.get("env_vars") or {})
+    leaked = sorted(k for k in env_vars if k in SECRET_ENV_VARS)
+    if leaked:
+        raise ConfigError(f"jobs/{SIDECAR_DIR}/{spec.name}.yaml: runtime_env sets {leaked[0]}, which the Ray "
+                          "dashboard shows to everyone; give the job a credentials file on the cluster "
+                          "(--tracking-credentials, docs/CLUSTER.md)")
+    if not uri:
+        return spec.runtime_env
+    if not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"--tracking-uri must be the tracking server's http(s) address, got {uri!r} (a SQLite "
+                          "store on the shared volume is unsafe: docs/CLUSTER.md)")
+    return {**spec.runtime_env, "env_vars": {**env_vars, "MLFLOW_TRACKING_URI": uri}}
+
+
+def tracking_overrides(spec: JobSpec, credentials: str | None) -> list[str]:
+    from ranray.config import ConfigError
+
+    if not credentials:
+        return []
+    if spec.verb not in TRACKED_VERBS:
+        raise ConfigError(f"--tracking-credentials: job '{spec.name}' ({spec.verb}) logs nothing to MLflow")
+    if not credentials.startswith("/"):
+        raise ConfigError(f"--tracking-credentials must be an absolute path on the cluster, got {credentials!r}")
+    return [f"tracking.credentials_file={credentials}"]
 
 
 def check_config(spec: JobSpec, working_dir: Path, overrides: list[str]) -> None:
@@ -248,6 +294,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shared-root must be an absolute path, got {args.shared_root!r}")
     verb_args = [a.replace(SHARED_ROOT, root) for a in spec.args] + shlex.split(args.verb_args)
     overrides = [o.replace(SHARED_ROOT, root) for o in spec.overrides] + list(args.overrides)
+    overrides += tracking_overrides(spec, args.tracking_credentials)
+    spec.runtime_env = tracking_runtime_env(spec, args.tracking_uri or os.environ.get(TRACKING_URI_ENV, ""))
     check_config(spec, working_dir, overrides)
 
     address = args.address or default_address()

@@ -29,6 +29,7 @@ import yaml
 from ranray.config import ConfigError, PretrainConfig, TrainConfig, flatten, save_config
 from ranray.data.schema import SUBSET_FLAGS
 from ranray.run_tracker import open_tracker
+from ranray.tracking_access import check_store
 from ranray.train import preflight as preflight_checks
 from ranray.train.summary import summary_rows
 from ranray.train.jobs import JOBS, resolve_run_name, resolve_storage_path, run_dir_for
@@ -169,6 +170,7 @@ def run_job(cfg: TrainConfig | PretrainConfig, launcher: Launcher, *, run_name: 
     name = run_name or resolve_run_name(cfg)
     storage = resolve_storage_path(cfg)
     run_dir = run_dir_for(storage, name)
+    check_store(cfg.tracking, run_dir)  # no SQLite on a network mount; a server that knows this job's user
     files = RunDir(run_dir)
     final, best = (getattr(files, key) for key in job.outputs[:2])
     resumed, tracker, run_id = open_run(cfg, name, run_dir, final, tags={"job": job.tag, **job.tags(cfg)},
