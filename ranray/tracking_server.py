@@ -212,8 +212,8 @@ def serve(cfg: TrackingServerConfig, *, mount_table: str | None = None) -> int:
         Path(cfg.artifacts).expanduser().mkdir(parents=True, exist_ok=True)
     restore(cfg)
     write_auth_config(cfg)
-    # Its own session: stopping the server stops its uvicorn workers with it.
-    process = subprocess.Popen(server_command(cfg), env=server_env(cfg, password), start_new_session=True)
+    # In this process's group: whoever stops the group (a terminal, a supervisor) stops the server.
+    process = subprocess.Popen(server_command(cfg), env=server_env(cfg, password))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -227,19 +227,18 @@ def serve(cfg: TrackingServerConfig, *, mount_table: str | None = None) -> int:
 def _watch(cfg: TrackingServerConfig, process: subprocess.Popen, stop: threading.Event) -> int:
     backups = ServerLayout(cfg).backup_dir is not None
     next_backup = time.monotonic() + cfg.backup_every_s
-    while not stop.is_set():
+    while not stop.wait(1.0):
         if process.poll() is not None:
             log.error("mlflow server exited with %s", process.returncode)
             return process.returncode or 1
         if backups and time.monotonic() >= next_backup:
             _backup_logged(cfg)
             next_backup = time.monotonic() + cfg.backup_every_s
-        stop.wait(1.0)
-    os.killpg(process.pid, signal.SIGTERM)
+    process.terminate()  # uvicorn's master stops its workers
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
         process.wait()
     return 0
 
