@@ -160,7 +160,8 @@ class Tracker(RunScope):
         if not self.local_log.is_file():
             return
         try:
-            report = sync_run_dir(self.run_dir, self.tracking_uri, probe_timeout_s=self.probe_timeout_s)
+            report = sync_run_dir(self.run_dir, self.tracking_uri, probe_timeout_s=self.probe_timeout_s,
+                                  credentials_file=self.credentials_file)
         except SyncError as exc:  # info: the user was warned when the records went local
             log.info("%s; push them later with `ranray track sync %s`", exc, self.run_dir.root)
             return
@@ -356,8 +357,10 @@ class Tracker(RunScope):
     def _record_run(self, run_name: str) -> None:
         record = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
                   "run_name": run_name}
-        if self.user:
-            record["user"] = self.user  # `ranray track sync` pushes as this user
+        earlier = read_run_record(self.run_dir)
+        user = self.user or (earlier.get("user") if earlier.get("run_id") == self.run_id else None)
+        if user:
+            record["user"] = user  # `ranray track sync` should push as this user
         write_run_record(self.run_dir, record)
 
     def _recorded_run_id(self) -> str | None:
@@ -422,6 +425,10 @@ def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
             REPLAY[record["kind"]](client, run_id, record)
             report.counts[record["kind"]] = report.counts.get(record["kind"], 0) + 1
     except Exception as exc:  # whatever the store says, the local records stay for the next try
+        if _status_code(exc) == 403:
+            raise SyncError(f"tracking server {uri} refused user '{os.environ.get('MLFLOW_TRACKING_USERNAME')}' "
+                            f"permission to write (403); sync as the run's user ('{recorded.get('user', '?')}'); "
+                            f"the records stay in {rd.offline_metrics}") from None
         raise SyncError(f"pushing {rd.offline_metrics} to {uri} failed: {exc!r}") from exc
     _archive_local_log(rd, report.synced_file, len(records))
     if recorded.get("run_id") in report.run_ids:
@@ -607,6 +614,12 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     return exp.experiment_id
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status of a failed MLflow REST call (MlflowException keeps it on the error code)."""
+    codes = {"PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401}
+    return codes.get(getattr(exc, "error_code", ""), getattr(exc, "get_http_status_code", lambda: None)())
 
 
 def _resume_run(client: MlflowClient, run_id: str) -> bool:

@@ -74,13 +74,13 @@ class AuthServer:
         password_file = self.root / f"{name}_password"
         password_file.write_text(secrets.token_urlsafe(18) + "\n")
         credentials = self.root / f"{name}.ini"
-        self.ranray("user", "add", name, "--password-file", str(password_file),
+        self.ranray("add", name, "--password-file", str(password_file),
                     "--write-credentials", str(credentials))
         self.users[name] = credentials
         return credentials
 
     def grant(self, name: str, experiment: str, permission: str) -> None:
-        self.ranray("user", "grant", name, experiment, permission)
+        self.ranray("grant", name, experiment, permission)
 
     def ranray(self, *args: str) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
