@@ -50,21 +50,22 @@ class Credentials:
     source: str  # where they came from, for messages (never the password)
 
 
-def read_credentials_file(path: str | os.PathLike) -> Credentials:
-    """MLflow's credentials format: [mlflow] mlflow_tracking_username / mlflow_tracking_password."""
+def read_credentials_file(path: str | os.PathLike, named_by: str = "config key 'tracking.credentials_file'") -> Credentials:
+    """MLflow's credentials format: [mlflow] mlflow_tracking_username / mlflow_tracking_password.
+    `named_by` says where the path came from, for the messages."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"config key 'tracking.credentials_file': {path} does not exist")
+        raise ConfigError(f"{named_by}: {path} does not exist")
     parser = configparser.ConfigParser()
     try:
         parser.read_string(path.read_text())
     except configparser.Error as exc:
-        raise ConfigError(f"config key 'tracking.credentials_file': {path} is not an ini file ({exc})") from exc
+        raise ConfigError(f"{named_by}: {path} is not an ini file ({exc})") from exc
     section = parser["mlflow"] if parser.has_section("mlflow") else {}
     username = section.get(USERNAME_ENV.lower(), "").strip()
     password = section.get(PASSWORD_ENV.lower(), "").strip()
     if not username or not password:
-        raise ConfigError(f"config key 'tracking.credentials_file': {path} needs [mlflow] with "
+        raise ConfigError(f"{named_by}: {path} needs [mlflow] with "
                           f"{USERNAME_ENV.lower()} and {PASSWORD_ENV.lower()}")
     return Credentials(username, password, str(path))
 
@@ -91,9 +92,9 @@ def credentials_for(config: Any) -> Credentials | None:
         return Credentials(username, password, f"${USERNAME_ENV}/${PASSWORD_ENV}")
     node_file = os.environ.get(CREDENTIALS_ENV, "")
     if node_file:
-        return read_credentials_file(node_file)
+        return read_credentials_file(node_file, f"${CREDENTIALS_ENV} (set on this node)")
     if MLFLOW_CREDENTIALS.expanduser().is_file():
-        return read_credentials_file(MLFLOW_CREDENTIALS)
+        return read_credentials_file(MLFLOW_CREDENTIALS, "MLflow's credentials file")
     return None
 
 

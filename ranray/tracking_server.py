@@ -288,17 +288,22 @@ class Admin:
             raise ConfigError(f"the password for '{username}' is shorter than {MIN_PASSWORD_LENGTH} characters")
         self._client().create_user(username, password)
 
-    def grant(self, username: str, experiment: str, permission: str) -> str:
-        """Give `username` `permission` on experiment `experiment` (a name, created when missing);
-        returns its id."""
+    def grant(self, username: str, target: str, permission: str, *, model: bool = False) -> str:
+        """Give `username` `permission` on experiment `target` (a name, created when missing), or with
+        model=True on registered model `target` (its versions: a user adds one to a model someone
+        else created only with EDIT). Returns the resource's id."""
         from mlflow.tracking import MlflowClient
 
         if permission not in PERMISSIONS:
             raise ConfigError(f"permission must be one of {', '.join(PERMISSIONS)}, got {permission!r}")
         client = self._client()
         tracking = MlflowClient(tracking_uri=self.tracking_uri)
-        found = tracking.get_experiment_by_name(experiment)
+        if model:
+            tracking.get_registered_model(target)  # a clear MLflow error when there is none
+            client.grant_user_permission(username, "registered_model", target, permission)
+            return target
+        found = tracking.get_experiment_by_name(target)
         # A team's experiment may be set up before its first run: the admin creates it (and owns it).
-        experiment_id = found.experiment_id if found is not None else tracking.create_experiment(experiment)
+        experiment_id = found.experiment_id if found is not None else tracking.create_experiment(target)
         client.grant_user_permission(username, "experiment", experiment_id, permission)
         return experiment_id

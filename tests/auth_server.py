@@ -79,8 +79,8 @@ class AuthServer:
         self.users[name] = credentials
         return credentials
 
-    def grant(self, name: str, experiment: str, permission: str) -> None:
-        self.ranray("grant", name, experiment, permission)
+    def grant(self, name: str, target: str, permission: str, *options: str) -> None:
+        self.ranray("grant", name, target, permission, *options)
 
     def ranray(self, *args: str) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -118,6 +118,16 @@ def test_a_user_without_edit_permission_reads_but_cannot_write(server, monkeypat
     bob.log_metric(run_id, "val_accuracy", 0.9, step=2)
     assert [v for _, v in metric_history(server.url, run_id, "val_accuracy")] == [0.5, 0.9]
 
+    alice = as_user(monkeypatch, server, "alice")
+    alice.create_registered_model("alice-model")
+    source = alice.get_run(run_id).info.artifact_uri + "/model"
+    assert alice.create_model_version("alice-model", source, run_id=run_id).version == "1"
+    bob = as_user(monkeypatch, server, "bob")
+    with pytest.raises(MlflowException, match="403"):
+        bob.create_model_version("alice-model", source, run_id=run_id)
+    server.grant("bob", "alice-model", "EDIT", "--model")
+    assert bob.create_model_version("alice-model", source, run_id=run_id).version == "2"
+
 
 # ---------------------------------------------------------------------------------------------
 # A job with a wrong or no password: refused before training, in one line
@@ -156,6 +166,10 @@ def test_credentials_come_from_the_config_then_the_environment_then_the_nodes_fi
     (tmp_path / "bad.ini").write_text("[mlflow]\nmlflow_tracking_username = x\n")
     with pytest.raises(ConfigError, match="needs \\[mlflow\\] with mlflow_tracking_username and"):
         credentials_for(TrackingConfig(credentials_file=str(tmp_path / "bad.ini")))
+    monkeypatch.delenv(USERNAME_ENV)
+    monkeypatch.setenv(CREDENTIALS_ENV, str(tmp_path / "not-made-yet.ini"))
+    with pytest.raises(ConfigError, match="^\\$RANRAY_MLFLOW_CREDENTIALS \\(set on this node\\): .*not-made-yet.ini does not"):
+        credentials_for(TrackingConfig())
 
 
 # ---------------------------------------------------------------------------------------------

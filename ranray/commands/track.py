@@ -41,10 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--password-file", required=True, help="a file holding the new user's password")
     add.add_argument("--write-credentials", default="",
                      help="also write the user's credentials file here (mode 600), for a job's secret")
-    grant = what.add_parser("grant", help="give a user a permission on an experiment (created when missing)")
+    grant = what.add_parser("grant", help="give a user a permission on an experiment (created when missing) "
+                                          "or, with --model, on a registered model")
     grant.add_argument("username")
-    grant.add_argument("experiment")
+    grant.add_argument("experiment", metavar="EXPERIMENT|MODEL")
     grant.add_argument("permission", help="READ, EDIT, MANAGE or NO_PERMISSIONS")
+    grant.add_argument("--model", action="store_true", help="the second name is a registered model's")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,8 +111,9 @@ def _user(args: argparse.Namespace) -> int:
         raise ConfigError("ranray track user: which server? --tracking-uri http://HEAD:5000 (or MLFLOW_TRACKING_URI)")
     admin = Admin(uri, args.credentials)
     if args.user_action == "grant":
-        experiment_id = admin.grant(args.username, args.experiment, args.permission)
-        print(f"{args.username}: {args.permission} on experiment '{args.experiment}' ({experiment_id}) in {uri}")
+        resource_id = admin.grant(args.username, args.experiment, args.permission, model=args.model)
+        what = "registered model" if args.model else f"experiment ({resource_id})"
+        print(f"{args.username}: {args.permission} on {what} '{args.experiment}' in {uri}")
         return 0
     password = read_password(args.password_file, "--password-file")
     admin.add_user(args.username, password)
