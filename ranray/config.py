@@ -259,11 +259,16 @@ class TrackingServerConfig:
     admin_password_file: str = "~/.ranray/mlflow_admin_password"  # a secret: never a default password
     default_permission: one_of("ranray.tracking_server:PERMISSIONS") = "READ"  # what a user may do on others' experiments
     workers: int = 2
+    # Seconds a checked user/password pair is trusted without hashing it again (MLflow's PBKDF2 check
+    # costs the server a core per busy writer otherwise); a changed password or a deleted user is
+    # honoured by the other server workers after this long at most. 0: check every request.
+    auth_cache_s: int = 60
 
     def validate(self) -> None:
         _check(1 <= self.port <= 65535, "port", "must be a TCP port (1-65535)")
         _check(self.backup_every_s >= 10, "backup_every_s", "must be >= 10 seconds")
         _check(self.workers >= 1, "workers", "must be >= 1")
+        _check(self.auth_cache_s >= 0, "auth_cache_s", "must be >= 0 (0: no cache)")
         _check(bool(self.admin_user), "admin_user", "must name the admin user")
         _check(bool(self.admin_password_file), "admin_password_file", "must name the file holding the admin password")
         _check(bool(self.artifacts), "artifacts", "must be a shared folder or an s3:// URI")

@@ -178,7 +178,8 @@ def write_auth_config(cfg: TrackingServerConfig) -> Path:
             f"default_permission = {cfg.default_permission}\n"
             f"database_uri = {layout.auth_uri}\n"
             f"admin_username = {cfg.admin_user}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {cfg.auth_cache_s}\n")
     return _write_private(layout.auth_ini, text)
 
 

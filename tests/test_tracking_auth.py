@@ -45,8 +45,12 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     server = AuthServer.start(tmp_path_factory.mktemp("auth_server"))
-    server.add_user("alice")
-    server.add_user("bob")
+    try:
+        server.add_user("alice")
+        server.add_user("bob")
+    except Exception:
+        server.kill()
+        raise
     slot = Served(server)
     yield slot
     slot.server.kill()
