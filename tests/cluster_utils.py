@@ -306,6 +306,53 @@ class LocalCluster:
             time.sleep(1.0)
 
 
+# "DIR:N" for StartTogether; the jobs that must train together set it in their runtime_env.
+TOGETHER_ENV = "RANRAY_TEST_START_TOGETHER"
+TOGETHER_TIMEOUT_S = 240.0
+
+
+class StartTogether:
+    """An engine hook (run.hooks: ["cluster_utils:StartTogether"]) for runs on a cluster that must
+    train at the same time, however long each took to start: every worker, once started (its
+    tracker open, before its first step), writes DIR/<run>-rank<r>.json with the Ray node it runs
+    on, then waits until N such files are there (at most TOGETHER_TIMEOUT_S; a test then finds the
+    runs apart). Without $RANRAY_TEST_START_TOGETHER it does nothing."""
+
+    def on_start(self, e: Any) -> None:
+        spec = os.environ.get(TOGETHER_ENV, "")
+        if not spec:
+            return
+        import ray
+
+        folder, count = Path(spec.rsplit(":", 1)[0]), int(spec.rsplit(":", 1)[1])
+        folder.mkdir(parents=True, exist_ok=True)
+        mark = {"run": e.run_name, "rank": e.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "time": time.time()}
+        tmp = folder / f".{e.run_name}-rank{e.rank}.tmp"
+        tmp.write_text(json.dumps(mark))
+        os.replace(tmp, folder / f"{e.run_name}-rank{e.rank}.json")
+        deadline = time.monotonic() + TOGETHER_TIMEOUT_S
+        while len(list(folder.glob("*.json"))) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def on_step(self, e: Any, batch: Any) -> None:
+        pass
+
+    def on_log(self, e: Any) -> None:
+        pass
+
+    def on_report(self, e: Any) -> None:
+        pass
+
+    def on_exit(self, e: Any) -> None:
+        pass
+
+
+def together_marks(folder: Path) -> dict[str, dict[str, Any]]:
+    """What StartTogether wrote: "<run>-rank<r>" -> its mark."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
 def netns_available() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None and subprocess.run(
         ["ip", "netns", "list"], capture_output=True).returncode == 0
