@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 .PHONY: venv test test-cluster demo bench clean
 # The multi-node job tests (demo job on a local 4-node cluster, node and driver kills; a search and a
 # fine-tune logging to the authenticated tracking server) run on their own: 10-15 minutes on a
-# 2-core machine, and about 4 more for the tracking one (.ci/run runs them after `make test` and the demo).
+# 2-core machine, and about 3 more for the tracking one (.ci/run runs them after `make test` and the demo).
 CLUSTER_JOB_TESTS := tests/test_cluster_jobs.py tests/test_cluster_elastic.py tests/test_prepare_cluster.py \
                      tests/test_cluster_tracking.py
 
