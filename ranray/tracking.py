@@ -266,7 +266,7 @@ class Tracker(RunScope):
                 self._go_offline(f"tracking server {self.tracking_uri} is unreachable ({reason})")
                 return
             try:
-                creds = use_credentials(self)
+                creds = use_credentials(self.credentials_file)
             except ConfigError as exc:  # the driver's check_store refused this before any work
                 self._go_offline(str(exc))
                 return
@@ -438,18 +438,13 @@ def sync_run_dir(run_dir: str | os.PathLike, tracking_uri: str | None = None,
 
 def _authenticate_sync(uri: str, credentials_file: str, recorded: dict[str, Any], rd: RunDir) -> None:
     try:
-        creds = use_credentials(_CredentialsChoice(credentials_file))
+        creds = use_credentials(credentials_file)
         check_authentication(uri, creds)
     except (TrackingAuthError, ConfigError) as exc:
         raise SyncError(f"{exc}; nothing was pushed, the records stay in {rd.offline_metrics}") from None
     user = recorded.get("user")
     if user and creds is not None and creds.username != user:
         log.warning("pushing run records of user '%s' as user '%s'", user, creds.username)
-
-
-@dataclass(frozen=True)
-class _CredentialsChoice:
-    credentials_file: str
 
 
 def _target_run(client: MlflowClient, record: dict[str, Any], report: SyncReport,

@@ -1,9 +1,9 @@
 """Who a process is to the tracking server, and whether a tracking store may be used at all.
 
-    credentials_for(config)      this job's user, from (first found) tracking.credentials_file,
+    credentials_for(file)        this job's user, from (first found) `file` (tracking.credentials_file),
                                  MLFLOW_TRACKING_USERNAME/_PASSWORD, the file $RANRAY_MLFLOW_CREDENTIALS
                                  names, ~/.mlflow/credentials (MLflow's own file)
-    use_credentials(config)      puts them in this process's environment, where MLflow's client
+    use_credentials(file)        puts them in this process's environment, where MLflow's client
                                  reads them. A job's password travels as a file on the cluster (a
                                  secret file or a Kubernetes Secret), never in a Ray runtime_env,
                                  which the dashboard shows to everyone.
@@ -82,11 +82,10 @@ def write_credentials_file(path: str | os.PathLike, username: str, password: str
     return path
 
 
-def credentials_for(config: Any) -> Credentials | None:
+def credentials_for(credentials_file: str = "") -> Credentials | None:
     """This job's credentials (see the module doc for the order), or None where none are given."""
-    explicit = getattr(config, "credentials_file", "") or ""
-    if explicit:
-        return read_credentials_file(explicit)
+    if credentials_file:
+        return read_credentials_file(credentials_file)
     username, password = os.environ.get(USERNAME_ENV, ""), os.environ.get(PASSWORD_ENV, "")
     if username and password:
         return Credentials(username, password, f"${USERNAME_ENV}/${PASSWORD_ENV}")
@@ -98,9 +97,9 @@ def credentials_for(config: Any) -> Credentials | None:
     return None
 
 
-def use_credentials(config: Any) -> Credentials | None:
-    """Make MLflow's client in this process send `credentials_for(config)`."""
-    creds = credentials_for(config)
+def use_credentials(credentials_file: str = "") -> Credentials | None:
+    """Make MLflow's client in this process send `credentials_for(credentials_file)`."""
+    creds = credentials_for(credentials_file)
     if creds is not None:
         os.environ[USERNAME_ENV] = creds.username
         os.environ[PASSWORD_ENV] = creds.password
@@ -115,7 +114,7 @@ def check_store(config: Any, run_dir: str | os.PathLike, *, mount_table: str | N
     if sqlite is not None:
         refuse_network_sqlite(sqlite, "tracking.uri", uri, mount_table)
     if uri.startswith(("http://", "https://")):
-        check_authentication(uri, credentials_for(config), timeout_s)
+        check_authentication(uri, credentials_for(getattr(config, "credentials_file", "") or ""), timeout_s)
     return uri
 
 
@@ -134,8 +133,7 @@ def check_authentication(uri: str, creds: Credentials | None, timeout_s: float =
     server does not answer); raises TrackingAuthError on 401."""
     request = urllib.request.Request(uri.rstrip("/") + WHO_AM_I)
     if creds is not None:
-        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Authorization", basic_auth_header(creds.username, creds.password))
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return (json.loads(response.read() or b"{}").get("user") or {}).get("username")
@@ -145,6 +143,11 @@ def check_authentication(uri: str, creds: Credentials | None, timeout_s: float =
         return None  # 404: a server without authentication; others: the tracker's business
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+def basic_auth_header(username: str, password: str) -> str:
+    """The Authorization header MLflow's basic-auth app reads."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 def refusal_line(uri: str, creds: Credentials | None) -> str:

@@ -97,11 +97,7 @@ def check(cfg: TrackingServerConfig, mount_table: str | None = None) -> str:
     layout = ServerLayout(cfg)
     if layout.sqlite:
         refuse_network_sqlite(layout.db_dir / "mlflow.db", "db_dir", f"db_dir {layout.db_dir}", mount_table)
-    return read_admin_password(cfg.admin_password_file)
-
-
-def read_admin_password(path: str) -> str:
-    return read_password(path, "config key 'admin_password_file'")
+    return read_password(cfg.admin_password_file, "config key 'admin_password_file'")
 
 
 def read_password(path: str, what: str) -> str:
@@ -281,7 +277,7 @@ class Admin:
 
         from ranray.tracking_access import use_credentials
 
-        use_credentials(self)
+        use_credentials(self.credentials_file)
         return AuthServiceClient(self.tracking_uri)
 
     def add_user(self, username: str, password: str) -> None:

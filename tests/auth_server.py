@@ -13,13 +13,14 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_server import START_TIMEOUT_S, free_port, healthy
+from mlflow_server import free_port, wait_until_healthy
 
-from ranray.tracking_access import write_credentials_file
+from ranray.tracking_access import basic_auth_header, write_credentials_file
 
 RANRAY = Path(sys.executable).with_name("ranray")
 
@@ -55,12 +56,7 @@ class AuthServer:
                                         *overrides], stdout=out, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
         server = cls(root, f"http://{host}:{port}", process, log, host)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not healthy(server.url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"ranray track server did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_until_healthy(server, "ranray track server")
         server.users["admin"] = write_credentials_file(root / "admin.ini", "admin",
                                                        password_file.read_text().strip())
         return server
@@ -101,3 +97,15 @@ class AuthServer:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
+
+
+def http_status(url: str, user: str | None = None, password: str = "") -> int:
+    """The HTTP status of a GET, with basic-auth credentials when a user is given."""
+    request = urllib.request.Request(url)
+    if user is not None:
+        request.add_header("Authorization", basic_auth_header(user, password))
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code

@@ -40,6 +40,17 @@ def healthy(url: str) -> bool:
         return False
 
 
+def wait_until_healthy(server, what: str) -> None:
+    """Wait for `server` (.url, .process, .log, .kill()) to answer /health; kill it and raise if it
+    exits or takes longer than START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not healthy(server.url):
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"{what} did not start: {server.log.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
 @dataclass
 class MlflowServer:
     url: str
@@ -63,12 +74,7 @@ class MlflowServer:
                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         server = cls(f"http://127.0.0.1:{port}", process, store, log)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not healthy(server.url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.25)
+        wait_until_healthy(server, "mlflow server")
         return server
 
     def kill(self) -> None:

@@ -23,13 +23,11 @@ runs log into the server at the same time. Afterwards, read back as alice:
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -42,7 +40,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from auth_server import AuthServer
+from auth_server import AuthServer, http_status
 from cluster_utils import TOGETHER_ENV, LocalCluster, together_marks
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -54,7 +52,7 @@ from ranray.inference import load_trained_model
 from ranray.model_card import card_path
 from ranray.model_store import MODEL_ARTIFACT
 from ranray.run_dir import RunDir
-from ranray.tracking_access import PASSWORD_ENV, USERNAME_ENV, read_credentials_file
+from ranray.tracking_access import PASSWORD_ENV, USERNAME_ENV, basic_auth_header, read_credentials_file
 
 RANRAY = Path(sys.executable).with_name("ranray")
 NODES = 4  # one-CPU worker nodes; the head has none
@@ -216,13 +214,12 @@ def metric_histories(campaign: Campaign, user: str, runs: list[Any]) -> dict[str
     """run id -> key -> the key's whole history ({step, value, timestamp}), in (step, timestamp) order:
     one request per key for all the runs (the route MLflow's UI charts with), not one per run and key."""
     creds = read_credentials_file(campaign.server.users[user])
-    token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
     run_ids = [r.info.run_id for r in runs]
 
     def history(key: str) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode([("metric_key", key), *(("run_id", r) for r in run_ids)])
         req = urllib.request.Request(f"{campaign.uri}/ajax-api/2.0/mlflow/metrics/get-history-bulk?{query}",
-                                     headers={"Authorization": f"Basic {token}"})
+                                     headers={"Authorization": basic_auth_header(creds.username, creds.password)})
         with urllib.request.urlopen(req, timeout=60) as response:
             return json.load(response).get("metrics", [])
 
@@ -387,24 +384,13 @@ def test_the_registered_model_resolves_to_the_finetunes_best_weights(campaign):
     assert all(torch.equal(v, registered[k]) for k, v in local.items())
 
 
-def request(url: str, user: str | None = None, password: str = "") -> int:
-    req = urllib.request.Request(url)
-    if user is not None:
-        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_requests_without_credentials_or_with_a_wrong_password_are_refused(campaign):
     url = campaign.uri + "/api/2.0/mlflow/experiments/search?max_results=5"
     alice = read_credentials_file(campaign.server.users["alice"])
-    assert request(url) == 401
-    assert request(url, "alice", alice.password + "x") == 401
-    assert request(url, "mallory", alice.password) == 401
-    assert request(url, "alice", alice.password) == 200
+    assert http_status(url) == 401
+    assert http_status(url, "alice", alice.password + "x") == 401
+    assert http_status(url, "mallory", alice.password) == 401
+    assert http_status(url, "alice", alice.password) == 200
 
 
 def test_bob_reads_alices_runs_but_cannot_write_to_them(campaign):

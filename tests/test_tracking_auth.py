@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from auth_server import AuthServer
+from auth_server import AuthServer, http_status
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow_reads import metric_history
@@ -76,19 +74,6 @@ def as_user(monkeypatch, server: AuthServer, user: str) -> MlflowClient:
     monkeypatch.setenv(USERNAME_ENV, creds.username)
     monkeypatch.setenv(PASSWORD_ENV, creds.password)
     return MlflowClient(tracking_uri=server.url)
-
-
-def http_status(url: str, user: str | None = None, password: str | None = None) -> int:
-    request = urllib.request.Request(url)
-    if user is not None:
-        import base64
-
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,22 +143,22 @@ def test_credentials_come_from_the_config_then_the_environment_then_the_nodes_fi
     node_file = write_credentials_file(tmp_path / "node.ini", "node-user", "p" * 16)
     job_file = write_credentials_file(tmp_path / "job.ini", "job-user", "q" * 16)
     assert oct(job_file.stat().st_mode & 0o777) == "0o600"
-    assert credentials_for(TrackingConfig()) is None
+    assert credentials_for(TrackingConfig().credentials_file) is None
     monkeypatch.setenv(CREDENTIALS_ENV, str(node_file))
-    assert credentials_for(TrackingConfig()).username == "node-user"
+    assert credentials_for().username == "node-user"
     monkeypatch.setenv(USERNAME_ENV, "env-user")
     monkeypatch.setenv(PASSWORD_ENV, "r" * 16)
-    assert credentials_for(TrackingConfig()).username == "env-user"
-    assert credentials_for(TrackingConfig(credentials_file=str(job_file))).username == "job-user"
+    assert credentials_for().username == "env-user"
+    assert credentials_for(str(job_file)).username == "job-user"
     with pytest.raises(ConfigError, match="'tracking.credentials_file'.*missing.ini does not exist"):
-        credentials_for(TrackingConfig(credentials_file=str(tmp_path / "missing.ini")))
+        credentials_for(str(tmp_path / "missing.ini"))
     (tmp_path / "bad.ini").write_text("[mlflow]\nmlflow_tracking_username = x\n")
     with pytest.raises(ConfigError, match="needs \\[mlflow\\] with mlflow_tracking_username and"):
-        credentials_for(TrackingConfig(credentials_file=str(tmp_path / "bad.ini")))
+        credentials_for(str(tmp_path / "bad.ini"))
     monkeypatch.delenv(USERNAME_ENV)
     monkeypatch.setenv(CREDENTIALS_ENV, str(tmp_path / "not-made-yet.ini"))
     with pytest.raises(ConfigError, match="^\\$RANRAY_MLFLOW_CREDENTIALS \\(set on this node\\): .*not-made-yet.ini does not"):
-        credentials_for(TrackingConfig())
+        credentials_for()
 
 
 # ---------------------------------------------------------------------------------------------
