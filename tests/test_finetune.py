@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from concurrent_runs import run_together
 from mlflow_reads import metric_history
 from step_hooks import committed_steps
 from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
@@ -39,9 +41,34 @@ TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_session, data_dir, storage):
+def ray_runs(ray_session, data_dir, storage) -> dict[str, Future]:
+    """The module's Ray runs, two at a time (concurrent_runs): the failure-free reference, the run
+    with a worker failure, and the run stopped at step 8 that is rerun over a truncated checkpoint."""
+    fault = tiny_config(data_dir, storage, "fault", "checkpoint.max_failures=1",
+                        hooks=("step_hooks:fail_at_step_5_on_rank_1",))
+    return run_together({"baseline": lambda: run_training(tiny_config(data_dir, storage, "baseline")),
+                         "rerun": lambda: stopped_and_rerun(data_dir, storage),
+                         "fault": lambda: run_training(fault)})
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_runs):
     """The failure-free reference run."""
-    return run_training(tiny_config(data_dir, storage, "baseline"))
+    return ray_runs["baseline"].result()
+
+
+def stopped_and_rerun(data_dir: Path, storage: Path):
+    """(the first run, the rerun's Ray result)."""
+    # A run that stops at step 8 (mid-epoch), as if its driver had died there...
+    first = run_training(tiny_config(data_dir, storage, "rerun", "max_steps=8"))
+    newest = first.run_dir / f"checkpoint_{8:08d}_g00" / STATE_FILE
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+    # ...then the same run name again, through the trainer Tune uses, with a tracking server that
+    # does not answer: resumption takes step 6, and the run finishes with tracking kept locally.
+    # In bf16 this time: precision changes the arithmetic, not which batches the steps train on.
+    cfg = tiny_config(data_dir, storage, "rerun", "tracking.uri=http://127.0.0.1:9", "precision=bf16")
+    return first, build_trainer(cfg).fit()
 
 
 def lineages(run_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
@@ -153,12 +180,10 @@ def test_offline_evaluate_writes_table_json_and_png(baseline, data_dir, tmp_path
 # ---------------------------------------------------------------------------------------------
 
 
-def test_worker_failure_mid_epoch_resumes_without_repeating_a_step(baseline, data_dir, storage):
+def test_worker_failure_mid_epoch_resumes_without_repeating_a_step(baseline, ray_runs):
     # Rank 1 raises after step 5; the newest checkpoint is step 4, so step 5 is trained twice in
     # the log, but only once in the lineage of the final model.
-    cfg = tiny_config(data_dir, storage, "fault", "checkpoint.max_failures=1",
-                      hooks=("step_hooks:fail_at_step_5_on_rank_1",))
-    result = run_training(cfg)
+    result = ray_runs["fault"].result()
     assert result.metrics["step"] == baseline.metrics["step"] == TOTAL_STEPS
     assert (result.run_dir / "faults" / "fail_at_step_5").exists()
     assert step_lines(result.run_dir, 1).count(5) == 2
@@ -168,17 +193,8 @@ def test_worker_failure_mid_epoch_resumes_without_repeating_a_step(baseline, dat
     assert starts == ["start 0 0", "start 1 4"]
 
 
-def test_truncated_newest_checkpoint_is_skipped_on_rerun(baseline, data_dir, storage):
-    # A run that stops at step 8 (mid-epoch), as if its driver had died there...
-    first = run_training(tiny_config(data_dir, storage, "rerun", "max_steps=8"))
-    newest = first.run_dir / f"checkpoint_{8:08d}_g00" / STATE_FILE
-    with open(newest, "r+b") as f:
-        f.truncate(newest.stat().st_size // 2)
-    # ...then the same run name again, through the trainer Tune uses, with a tracking server that
-    # does not answer: resumption takes step 6, and the run finishes with tracking kept locally.
-    # In bf16 this time: precision changes the arithmetic, not which batches the steps train on.
-    cfg = tiny_config(data_dir, storage, "rerun", "tracking.uri=http://127.0.0.1:9", "precision=bf16")
-    result = build_trainer(cfg).fit()
+def test_truncated_newest_checkpoint_is_skipped_on_rerun(baseline, ray_runs):
+    first, result = ray_runs["rerun"].result()  # stopped at step 8, its newest checkpoint truncated, rerun
     assert result.metrics["step"] == TOTAL_STEPS
     log = (first.run_dir / "steps" / "rank0.log").read_text().splitlines()
     assert [line for line in log if line.startswith("start")] == ["start 0 0", "start 1 6"]
