@@ -13,6 +13,7 @@ import io
 import json
 import math
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from concurrent_runs import run_together
 from mlflow_reads import metric_history
 from source_readers import read_identity
 from step_hooks import RESHARD_DIR, committed_steps
@@ -149,12 +151,26 @@ def _events(log: Path) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def run(faces, tmp_path_factory, ray_session) -> dict:
-    storage = tmp_path_factory.mktemp("runs")
+def ray_runs(faces, tmp_path_factory, ray_session) -> dict[str, Future]:
+    """The module's Ray runs, two at a time (concurrent_runs), never over the 4 CPUs: the 2-worker
+    run with a fault (2 CPUs) beside the 3-worker run that fails for good (1.5), then that run's
+    checkpoint resumed on 4 workers (2) and, when the first run has ended, on 2 (1)."""
+    storage, tmp = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("elastic")
+    return run_together({"run": lambda: _fault_run(faces, storage), "elastic": lambda: _elastic_start(faces, tmp),
+                         "4": lambda: _elastic_resume(tmp, 4), "2": lambda: _elastic_resume(tmp, 2)},
+                        after={"4": "elastic", "2": "elastic"})
+
+
+def _fault_run(faces: Path, storage: Path) -> dict:
     hooks = ["step_hooks:PretrainStepsLog", "step_hooks:fail_at_step_9_on_rank_1"]
     overrides = _overrides(faces, storage, **{"run.hooks": hooks})
     assert cli_main(["pretrain", "--config", str(JOB), *overrides]) == 0
     return {"dir": storage / "pt"}
+
+
+@pytest.fixture(scope="module")
+def run(ray_runs) -> dict:
+    return ray_runs["run"].result()
 
 
 def test_resume_restores_each_rank_shard_and_trains_no_step_twice(run):
@@ -204,23 +220,28 @@ def _elastic_config(data_dir: Path, storage: Path, workers: int) -> PretrainConf
         "run.hooks": ["step_hooks:PretrainStepsLog", "step_hooks:ShardDump", "step_hooks:fail_at_step_3"]})
 
 
-@pytest.fixture(scope="module")
-def elastic(faces, tmp_path_factory, ray_session) -> dict:
-    tmp = tmp_path_factory.mktemp("elastic")
+def _elastic_start(faces: Path, tmp: Path) -> Path:
+    """The 3-worker run (tmp/a) that fails after step 3, on the faces without pairs (tmp/faces); tmp."""
     data = tmp / "faces"
     shutil.copytree(faces, data)
     (data / "pairs.txt").unlink()  # no verification: the test is about the head's state
-    first = tmp / "a"
     with pytest.raises(RunFailed):
-        run_pretraining(_elastic_config(data, first, 3))
-    saved = first / "pt" / "checkpoint_00000002_g00"
-    dirs = {}
-    for workers in (2, 4):
-        storage = tmp / f"on{workers}"
-        shutil.copytree(first, storage)  # the same checkpoint, resumed once per new world size
-        run_pretraining(_elastic_config(data, storage, workers))
-        dirs[workers] = storage / "pt"
-    return {"saved": saved, "dirs": dirs, "data": data}
+        run_pretraining(_elastic_config(data, tmp / "a", 3))
+    return tmp
+
+
+def _elastic_resume(tmp: Path, workers: int) -> Path:
+    storage = tmp / f"on{workers}"
+    shutil.copytree(tmp / "a", storage)  # the same checkpoint, resumed once per new world size
+    run_pretraining(_elastic_config(tmp / "faces", storage, workers))
+    return storage / "pt"
+
+
+@pytest.fixture(scope="module")
+def elastic(ray_runs) -> dict:
+    tmp = ray_runs["elastic"].result()
+    dirs = {workers: ray_runs[str(workers)].result() for workers in (2, 4)}
+    return {"saved": tmp / "a" / "pt" / "checkpoint_00000002_g00", "dirs": dirs, "data": tmp / "faces"}
 
 
 def _saved_table(saved: Path) -> tuple[torch.Tensor, torch.Tensor]:
