@@ -13,6 +13,8 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,29 @@ def test_auto_means_a_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
         load_config(TrainConfig, None, ["run.progress_every_s=0"])
 
 
-def test_training_bar_shows_epoch_loss_throughput_and_eta_on_the_driver(ray_session, data_dir, tmp_path, capfd):
+@pytest.fixture(scope="module")
+def lines_run(data_dir, tmp_path_factory) -> Iterator[Future]:
+    """`ranray train --local > train.log` in a child process, started by the Ray run's test before
+    it so that the two train side by side, on both cores (a child of its own: nothing it does
+    reaches this process's output or RNG): (exit, stderr, wall seconds, the log's text)."""
+    tmp = tmp_path_factory.mktemp("lines")
+    cfg = tiny_config(data_dir, tmp, "lines", "epochs=1", "checkpoint.every_n_steps=0",
+                      "run.progress_every_s=0.01", "scaling.num_workers=1")
+    args = [f"{k}={'null' if v is None else v}" for k, v in flatten(cfg).items() if not isinstance(v, (list, dict))]
+
+    def train() -> tuple[int, str, float, str]:
+        started = time.perf_counter()
+        with open(tmp / "train.log", "w") as log:
+            done = subprocess.run([sys.executable, "-m", "ranray.cli", "train", "--local", *args], stdout=log,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+        return done.returncode, done.stderr, time.perf_counter() - started, (tmp / "train.log").read_text()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="lines") as pool:
+        yield pool.submit(train)
+
+
+def test_training_bar_shows_epoch_loss_throughput_and_eta_on_the_driver(ray_session, data_dir, tmp_path, capfd,
+                                                                         lines_run):
     # run.progress=off silences the built-in lines (which a line every step would show), not a bar
     # that run.hooks asks for.
     cfg = tiny_config(data_dir, tmp_path, "bar", "epochs=2", "run.progress=off", "run.progress_every_s=0.01",
@@ -77,18 +101,10 @@ def test_training_bar_shows_epoch_loss_throughput_and_eta_on_the_driver(ray_sess
     assert all(float(loss) > 0 and int(rate) > 0 for _, loss, rate in finals)
 
 
-def test_training_output_to_a_file_shows_progress_lines(data_dir, tmp_path):
+def test_training_output_to_a_file_shows_progress_lines(lines_run):
     """`ranray train --local > train.log`: no terminal, so plain lines (one per loss read here: every step)."""
-    cfg = tiny_config(data_dir, tmp_path, "lines", "epochs=1", "checkpoint.every_n_steps=0",
-                      "run.progress_every_s=0.01", "scaling.num_workers=1")
-    args = [f"{k}={'null' if v is None else v}" for k, v in flatten(cfg).items() if not isinstance(v, (list, dict))]
-    started = time.perf_counter()
-    with open(tmp_path / "train.log", "w") as log:
-        done = subprocess.run([sys.executable, "-m", "ranray.cli", "train", "--local", *args], stdout=log,
-                              stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
-    wall = time.perf_counter() - started
-    text = (tmp_path / "train.log").read_text()
-    assert done.returncode == 0, text[-2000:] + done.stderr[-3000:]
+    returncode, stderr, wall, text = lines_run.result()
+    assert returncode == 0, text[-2000:] + stderr[-3000:]
     lines = [(int(s), float(ep), float(loss), float(rate), int(h) * 3600 + int(m) * 60 + int(sec))
              for s, ep, loss, rate, h, m, sec in LINE.findall(text)]
     steps = [line[0] for line in lines]
