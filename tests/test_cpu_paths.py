@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,31 +38,47 @@ def run_child(args: list[str], env: dict[str, str], timeout: float) -> subproces
     return done
 
 
+@pytest.fixture(scope="module")
+def children(data_dir, tmp_path_factory) -> dict[str, tuple[Future, Path]]:
+    """The module's three `ranray train --local` children, run at once: each is one process on one
+    core (OMP_NUM_THREADS=1), most of it imports and set-up, so on 2 cores the three together take
+    about half their time one after the other. name -> (the child's CompletedProcess, its storage)."""
+    common = [sys.executable, "-m", "ranray.cli", "train", "--local", "--config", str(DEMO), f"data.dir={data_dir}",
+              f"model.num_classes={NUM_CLASSES}", "scaling.num_workers=1", "epochs=1"]
+    # Two steps of the demo's model on each CPU path; the demo config as shipped, one short epoch.
+    runs = {isa: (ISA_PATHS[isa], ["run.name=steps", "max_steps=2"], 300) for isa in ISA_PATHS}
+    runs["shipped"] = ({}, ["run.name=demo-config"], 600)
+    with ThreadPoolExecutor(len(runs), thread_name_prefix="child") as pool:
+        started = {}
+        for name, (env, args, timeout) in runs.items():
+            storage = tmp_path_factory.mktemp(name)
+            args = [*common, f"run.storage_path={storage}", *args]
+            started[name] = (pool.submit(run_child, args, env, timeout), storage)
+        return started
+
+
 @pytest.mark.parametrize("isa", sorted(ISA_PATHS))
-def test_demo_config_trains_on_both_cpu_paths(isa, data_dir, tmp_path):
+def test_demo_config_trains_on_both_cpu_paths(isa, children):
     """Two steps of the demo's model through the engine on the local runtime (`ranray train --local`),
     with the precision and memory format the engine resolves for this CPU: the kernels (convolutions
     forward and backward in that precision and format) are the ones that crashed."""
-    done = run_child([sys.executable, "-m", "ranray.cli", "train", "--local", "--config", str(DEMO),
-                      f"data.dir={data_dir}", f"run.storage_path={tmp_path}", "run.name=steps",
-                      f"model.num_classes={NUM_CLASSES}", "scaling.num_workers=1", "epochs=1", "max_steps=2"],
-                     ISA_PATHS[isa], timeout=300)
+    child, storage = children[isa]
+    done = child.result()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # a loss that is not finite fails
     expected = "bf16" if isa == "native" and cpu_info().native_bf16 else "fp32"
     assert f"on cpu: precision {expected}, channels_last " in done.stdout
-    state = load_checkpoint(tmp_path / "steps" / f"checkpoint_{2:08d}_g00" / STATE_FILE)
+    state = load_checkpoint(storage / "steps" / f"checkpoint_{2:08d}_g00" / STATE_FILE)
     assert state["step"] == 2 and state["config"]["precision"] == "auto"
 
 
-def test_shipped_demo_config_trains_through_ranray_train(data_dir, tmp_path):
+def test_shipped_demo_config_trains_through_ranray_train(children):
     """jobs/demo.yaml as shipped, through the real CLI, one short epoch: on the local runtime, so on one
     worker (`ranray demo` trains it on 2 Ray Train workers: test_demo)."""
-    done = run_child([sys.executable, "-m", "ranray.cli", "train", "--local", "--config", str(DEMO),
-                      f"data.dir={data_dir}", f"run.storage_path={tmp_path / 'runs'}", "run.name=demo-config",
-                      "epochs=1", f"model.num_classes={NUM_CLASSES}", "scaling.num_workers=1"], {}, timeout=600)
+    child, storage = children["shipped"]
+    done = child.result()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "val accuracy (last / best)" in done.stdout
-    assert (tmp_path / "runs" / "demo-config" / "model" / "final.pt").is_file()
+    assert (storage / "demo-config" / "model" / "final.pt").is_file()
 
 
 CPU_KINDS = (CpuInfo("avx512 + bf16", frozenset({"avx2", "avx512f", "avx512_bf16"}), ""),
