@@ -11,6 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,9 @@ def local_config(data_dir: Path, storage: Path, name: str, *overrides: str, hook
 
 
 @pytest.fixture(scope="module")
-def plain(data_dir, storage):
-    """An uninterrupted local run: the reference."""
+def plain(data_dir, storage, children):
+    """An uninterrupted local run: the reference. The module's child processes (`children`) run
+    meanwhile, on the other core."""
     return run_training(local_config(data_dir, storage, "plain"), runtime="local")
 
 
@@ -223,22 +226,40 @@ def test_the_blocker_blocks(torch_only):
     assert done.stdout.split("\n")[:4] == ["blocked ray", "blocked mlflow", "blocked nvidia.dali", "blocked dlib"]
 
 
-def test_the_engine_models_inference_and_local_runtime_import_none_of_the_four():
+ENGINE_IMPORTS = ("import sys\nimport ranray.models, ranray.train.engine, ranray.train.local, ranray.train.launch, "
+                  "ranray.train.finetune, ranray.train.pretrain, ranray.commands.train, ranray.inference, "
+                  "ranray.evaluation, ranray.prediction\n"
+                  "print(sorted(m for m in ('ray', 'mlflow', 'nvidia.dali', 'dlib', 'ranray.model_store') "
+                  "if m in sys.modules))")
+
+
+@pytest.fixture(scope="module")
+def children(torch_only, data_dir, tmp_path_factory) -> Iterator[dict[str, tuple[Future, Path | None]]]:
+    """The module's heavier child processes, one after the other in the background from the first
+    test on: this process trains on one core meanwhile (OMP_NUM_THREADS=1), and a child shares
+    nothing else with it. name -> (its CompletedProcess, its folder)."""
+    bare, ray = tmp_path_factory.mktemp("bare"), tmp_path_factory.mktemp("ray")
+    bare_job = save_config(local_config(data_dir, bare, "bare", "epochs=1", "checkpoint.every_n_steps=0"),
+                           bare / "job.yaml")
+    ray_job = save_config(tiny_config(data_dir, ray, "ray"), ray / "job.yaml")
+    with ThreadPoolExecutor(1, thread_name_prefix="child") as pool:
+        yield {"imports": (pool.submit(subprocess.run, [sys.executable, "-c", ENGINE_IMPORTS], capture_output=True,
+                                       text=True, timeout=120), None),
+               "bare": (pool.submit(ranray_cli, torch_only, "train", "--local", "--config", str(bare_job)), bare),
+               "ray": (pool.submit(ranray_cli, torch_only, "train", "--config", str(ray_job)), ray)}
+
+
+def test_the_engine_models_inference_and_local_runtime_import_none_of_the_four(children):
     """Nor the MLflow model (ranray.model_store): the driver logs it, no worker imports it; dlib
     comes only when a photo's faces are detected."""
-    code = ("import sys\nimport ranray.models, ranray.train.engine, ranray.train.local, ranray.train.launch, "
-            "ranray.train.finetune, ranray.train.pretrain, ranray.commands.train, ranray.inference, "
-            "ranray.evaluation, ranray.prediction\n"
-            "print(sorted(m for m in ('ray', 'mlflow', 'nvidia.dali', 'dlib', 'ranray.model_store') "
-            "if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = children["imports"][0].result()
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
 
 
-def test_train_local_runs_where_ray_mlflow_dali_and_dlib_cannot_be_imported(torch_only, data_dir, tmp_path):
-    cfg = local_config(data_dir, tmp_path, "bare", "epochs=1", "checkpoint.every_n_steps=0")
-    done = ranray_cli(torch_only, "train", "--local", "--config", str(save_config(cfg, tmp_path / "job.yaml")))
+def test_train_local_runs_where_ray_mlflow_dali_and_dlib_cannot_be_imported(children):
+    child, tmp_path = children["bare"]
+    done = child.result()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "val accuracy (last / best)" in done.stdout
     run_dir = tmp_path / "bare"
@@ -252,9 +273,9 @@ def test_train_local_runs_where_ray_mlflow_dali_and_dlib_cannot_be_imported(torc
     assert records[-1]["data"] == {"status": "FINISHED"}
 
 
-def test_the_ray_path_says_in_one_line_that_ray_is_missing(torch_only, data_dir, tmp_path):
-    cfg = tiny_config(data_dir, tmp_path, "ray")
-    done = ranray_cli(torch_only, "train", "--config", str(save_config(cfg, tmp_path / "job.yaml")))
+def test_the_ray_path_says_in_one_line_that_ray_is_missing(children):
+    child, tmp_path = children["ray"]
+    done = child.result()
     assert done.returncode == 2
     assert done.stderr.strip() == ("ranray train: the ray runtime needs the module 'ray', which is not installed; "
                                    "install the training system (pip install 'ranray[train]'), or run on this "
