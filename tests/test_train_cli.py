@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,23 +40,35 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ranray.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_bad_key_is_refused_by_name_without_starting_ray(data_dir):
-    out = run_cli("train", f"data.dir={data_dir}", "optim.learning_rate=0.1")
+@pytest.fixture(scope="module")
+def refused(data_dir, tmp_path_factory) -> dict[str, Future]:
+    """The refused `ranray train` commands, run at once: each child is one core's work, nearly all
+    of it imports. name -> its CompletedProcess."""
+    nowhere = tmp_path_factory.mktemp("missing") / "nowhere"
+    commands = {"bad key": ("train", f"data.dir={data_dir}", "optim.learning_rate=0.1"),
+                "missing dir": ("train", f"data.dir={nowhere}", "model.backbone=iresnet_tiny"),
+                "pooled region": ("train", f"data.dir={data_dir}", "model.backbone=iresnet_tiny", "model.num_classes=4",
+                                  "model.input_size=64", "model.region_features=pooled", "model.crop_frac=0.2")}
+    with ThreadPoolExecutor(len(commands), thread_name_prefix="cli") as pool:
+        return {name: pool.submit(run_cli, *args) for name, args in commands.items()}
+
+
+def test_bad_key_is_refused_by_name_without_starting_ray(refused):
+    out = refused["bad key"].result()
     assert out.returncode == 2
     assert "unknown config key 'optim.learning_rate'" in out.stderr
     assert "Ray" not in out.stderr + out.stdout  # nothing was started
 
 
-def test_missing_data_dir_is_refused_without_starting_ray(tmp_path):
-    out = run_cli("train", f"data.dir={tmp_path / 'nowhere'}", "model.backbone=iresnet_tiny")
+def test_missing_data_dir_is_refused_without_starting_ray(refused):
+    out = refused["missing dir"].result()
     assert out.returncode == 2
     assert "config key 'data.dir'" in out.stderr and "nowhere" in out.stderr
     assert "Ray" not in out.stderr + out.stdout
 
 
-def test_a_pooled_region_under_one_feature_cell_is_refused_before_training(data_dir):
-    out = run_cli("train", f"data.dir={data_dir}", "model.backbone=iresnet_tiny", "model.num_classes=4",
-                  "model.input_size=64", "model.region_features=pooled", "model.crop_frac=0.2")
+def test_a_pooled_region_under_one_feature_cell_is_refused_before_training(refused):
+    out = refused["pooled region"].result()
     assert out.returncode == 2
     assert "config key 'model.crop_frac'" in out.stderr and "crop_frac 0.25, model.input_size 80" in out.stderr
     assert "Ray" not in out.stderr + out.stdout
