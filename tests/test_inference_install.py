@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,15 +60,17 @@ def test_predict_a_photo_and_a_video_list_models_and_export_without_ray_dali_or_
             frame = av.VideoFrame.from_ndarray(data.astronaut()[:256, 96:352].copy(), format="rgb24")
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
-    done = ranray(without_training, "predict", str(photo), str(clip), "--json", cwd=tmp_path)
+    onnx_file = tmp_path / "ran.onnx"
+    commands = {"predict": ("predict", str(photo), str(clip), "--json"), "models": ("models",),
+                "export": ("export", "--onnx", str(onnx_file), "--faces", str(photo))}
+    with ThreadPoolExecutor(len(commands)) as pool:  # three children at once: each is mostly one core's imports
+        children = {name: pool.submit(ranray, without_training, *args, cwd=tmp_path) for name, args in commands.items()}
+    done, listed, exported = (children[name].result() for name in commands)
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"label": "happiness"' in done.stdout
     assert "3 frames read, 3 processed, 3 faces in 1 tracks" in done.stderr
     rows = (tmp_path / "clip_faces.csv").read_text().splitlines()[1:]
     assert [row.split(",")[7] for row in rows] == ["happiness"] * 3
-    listed = ranray(without_training, "models", cwd=tmp_path)
     assert listed.returncode == 0 and "ferplus_ran_pooled (default)" in listed.stdout, listed.stderr[-2000:]
-    onnx_file = tmp_path / "ran.onnx"
-    exported = ranray(without_training, "export", "--onnx", str(onnx_file), "--faces", str(photo), cwd=tmp_path)
     assert exported.returncode == 0 and onnx_file.is_file(), exported.stderr[-2000:]
     assert "1 aligned from" in exported.stdout
