@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow.tracking import MlflowClient
 from mlflow_reads import metric_history
 
 from ranray.config import TrackingConfig, TrainConfig, flatten
 from ranray.tracking import (HTTP_ENV_DEFAULTS, Tracker, find_runs, list_artifacts, read_local_log,
-                             resolve_tracking_uri, ui_command)
+                             resolve_tracking_uri, seed_sqlite_store, ui_command)
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +65,59 @@ def test_embedded_store_holds_params_metrics_and_artifacts_under_the_run_dir(tmp
     assert list(Path.cwd().iterdir()) == []  # no ./mlruns
     assert not (run_dir / "metrics.jsonl").exists()
     assert "mlflow ui --backend-store-uri" in tracker.ui_command() and str(run_dir.resolve()) in ui_command(uri)
+
+
+def schema(db: Path) -> tuple[dict, list, list]:
+    """Columns per table, the indexes, the alembic version: MLflow's migrations write a table's
+    constraints in an order that varies from one build to the next, so not the raw DDL."""
+    with sqlite3.connect(db) as con:
+        tables = [name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        columns = {t: sorted(con.execute(f'PRAGMA table_info("{t}")')) for t in tables}
+        indexes = sorted(con.execute("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index'"))
+        version = list(con.execute("SELECT version_num FROM alembic_version"))
+    con.close()
+    return columns, indexes, version
+
+
+def test_a_new_store_is_a_copy_of_an_empty_one_equal_to_what_mlflow_builds(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    built = tmp_path / "built" / "mlflow.db"
+    built.parent.mkdir()
+    MlflowClient(f"sqlite:///{built}").search_experiments()  # MLflow's own migrations
+    runs = []
+    for name in ("first", "second"):  # the first builds the template, the second only copies it
+        run_dir = tmp_path / name
+        with Tracker(TrackingConfig(experiment="seeded"), run_dir) as tracker:
+            runs.append(tracker.start(name))
+            tracker.log_metrics({"loss": 0.5}, step=3)
+        assert schema(run_dir / "mlflow.db") == schema(built)
+        assert not list(run_dir.glob(".mlflow.db.*"))  # the copy's temp file is gone
+        assert metric_history(resolve_tracking_uri("", run_dir), runs[-1], "loss") == [(3, 0.5)]
+    template = tmp_path / "cache" / "ranray" / f"mlflow-{mlflow.__version__}-empty.db"
+    assert schema(template) == schema(built)
+    with sqlite3.connect(template) as con:
+        assert con.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+    con.close()
+    # The Default experiment each store made itself on first open, as MLflow makes it in a new one.
+    default = MlflowClient(resolve_tracking_uri("", tmp_path / "second")).get_experiment("0")
+    assert (default.name, default.artifact_location) == ("Default", MlflowClient(f"sqlite:///{built}")
+                                                         .get_experiment("0").artifact_location)
+
+
+def test_a_store_that_exists_is_left_alone_and_an_unusable_cache_leaves_mlflow_to_build_it(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kept = tmp_path / "kept.db"
+    kept.write_bytes(b"not a database yet")
+    seed_sqlite_store(f"sqlite:///{kept}")
+    assert kept.read_bytes() == b"not a database yet"
+    seed_sqlite_store("http://127.0.0.1:9")  # not a file: nothing to seed, nothing raised
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    with Tracker(TrackingConfig(experiment="unseeded"), tmp_path / "run") as tracker:
+        run_id = tracker.start("r")
+        tracker.log_metrics({"loss": 1.5}, step=1)
+    assert not tracker.offline and metric_history(resolve_tracking_uri("", tmp_path / "run"), run_id, "loss") == [(1, 1.5)]
 
 
 def test_an_exception_marks_the_run_failed_and_propagates(tmp_path: Path, shared_store: str) -> None:
