@@ -84,8 +84,12 @@ def _matrix_panel(ax: Any, values: np.ndarray, names: Sequence[str], title: str,
 # ---------------------------------------------------------------------------------------------
 
 PANEL_INCHES = 1.15
+PANEL_SIDE_INCHES = 1.0  # the image inside its panel; the rest is space between panels
+PANEL_BELOW_INCHES = 0.2  # under each image: its mu and nu
 ROW_EXTRA_INCHES = 0.45  # the titles above each row's panels
 CARD_GAP_INCHES = 0.3  # between the clean and the occluded column
+GROUP_TITLE_INCHES = 0.3  # "clean faces" / "occluded faces" above their columns
+TITLE_PAD_INCHES = 0.08  # between a picture and its title
 GROUPS = (("clean", False), ("occluded", True))
 
 
@@ -110,7 +114,7 @@ def attention_figure_size(num_faces: int, num_regions: int = 6, flags: Any = Non
     layout = attention_layout(num_faces, flags)
     cards = len(layout[0]) if layout else 1
     width = cards * (num_regions + 1) * PANEL_INCHES + (cards - 1) * CARD_GAP_INCHES
-    return width, max(1, len(layout)) * (PANEL_INCHES + ROW_EXTRA_INCHES) + (0.3 if flags is not None else 0.0)
+    return width, max(1, len(layout)) * (PANEL_INCHES + ROW_EXTRA_INCHES) + (GROUP_TITLE_INCHES if flags is not None else 0.0)
 
 
 def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Sequence[int],
@@ -138,19 +142,29 @@ def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Seque
     shares = region_shares(mu, nu)
     layout = attention_layout(n, flags)
     cards = len(layout[0]) if layout else 1
-    fig = Figure(figsize=attention_figure_size(n, k, flags), dpi=DPI, layout="constrained")
-    outer = fig.subfigures(1, cards, wspace=0.02, squeeze=False)[0]
-    for c, sub in enumerate(outer):
+    width, height = attention_figure_size(n, k, flags)
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    # One canvas in inches for every image and label: one matplotlib Axes per panel (56 for 8 faces)
+    # cost a second of a run's end to build and draw.
+    canvas = fig.add_axes((0, 0, 1, 1))
+    top = height - (GROUP_TITLE_INCHES if flags is not None else 0.0)
+    for c in range(cards):
+        left = c * ((k + 1) * PANEL_INCHES + CARD_GAP_INCHES)
         if flags is not None:
-            sub.suptitle(f"{GROUPS[c][0]} faces", fontsize=10, fontweight="bold")
-        axes = sub.subplots(max(1, len(layout)), k + 1, squeeze=False)
+            canvas.text(left + (k + 1) * PANEL_INCHES / 2, top + 0.05, f"{GROUPS[c][0]} faces", ha="center",
+                        va="bottom", fontsize=10, fontweight="bold")
         for r, row in enumerate(layout):
             face = row[c]
-            for ax in axes[r]:
-                ax.set_axis_off()
-            if face is not None:
-                _face_row(axes[r], images[face], boxes[face], shares[face], mu[face], nu[face], names,
-                          _title(int(preds[face]), int(labels[face]), classes), int(preds[face]) == int(labels[face]))
+            if face is None:
+                continue
+            bottom = top - (r + 1) * (PANEL_INCHES + ROW_EXTRA_INCHES) + PANEL_BELOW_INCHES
+            lefts = [left + j * PANEL_INCHES + (PANEL_INCHES - PANEL_SIDE_INCHES) / 2 for j in range(k + 1)]
+            _face_row(canvas, lefts, bottom, images[face], boxes[face], shares[face], mu[face], nu[face], names,
+                      _title(int(preds[face]), int(labels[face]), classes), int(preds[face]) == int(labels[face]))
+    canvas.set_xlim(0, width)
+    canvas.set_ylim(0, height)
+    canvas.set_aspect("auto")
+    canvas.set_axis_off()
     return _save(fig, path)
 
 
@@ -161,22 +175,37 @@ def _title(pred: int, label: int, classes: list[str] | None) -> str:
     return f"pred {name(pred)}\ntrue {name(label)}"
 
 
-def _face_row(axes: Sequence[Any], image: np.ndarray, boxes: np.ndarray, shares: np.ndarray, mu: np.ndarray,
-              nu: np.ndarray, names: list[str], title: str, correct: bool) -> None:
+def _face_row(canvas: Any, lefts: Sequence[float], bottom: float, image: np.ndarray, boxes: np.ndarray,
+              shares: np.ndarray, mu: np.ndarray, nu: np.ndarray, names: list[str], title: str, correct: bool) -> None:
+    """The face and its regions' crops, each fitted into a PANEL_SIDE_INCHES square at `lefts`[j]."""
     rgb = denormalize(image.transpose(1, 2, 0))
     best = int(np.argmax(shares))
-    axes[0].imshow(rgb)
+    x, y, scale = _panel(canvas, rgb, lefts[0], bottom)
+    top = y + rgb.shape[0] * scale
     x0, y0, x1, y1 = boxes[best]
-    axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=2.5))
-    axes[0].set_title(title, fontsize=8, color="darkgreen" if correct else "firebrick")
-    for j, ax in enumerate(axes[1:]):
+    canvas.add_patch(Rectangle((x + x0 * scale, top - y1 * scale), (x1 - x0) * scale, (y1 - y0) * scale,
+                               fill=False, edgecolor="red", linewidth=2.5))
+    centre = lefts[0] + PANEL_SIDE_INCHES / 2
+    canvas.text(centre, top + TITLE_PAD_INCHES, title, ha="center", va="bottom", fontsize=8,
+                color="darkgreen" if correct else "firebrick")
+    for j, left in enumerate(lefts[1:]):
         x0, y0, x1, y1 = (int(round(v)) for v in boxes[j])
         crop = rgb[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
-        ax.imshow(crop)
-        ax.set_title(f"{names[j]}\n{shares[j]:.0%}", fontsize=8, fontweight="bold" if j == best else "normal",
-                     color="firebrick" if j == best else "black")
-        ax.text(0.5, -0.04, f"μ {mu[j]:.2f}  ν {nu[j]:.2f}", transform=ax.transAxes, ha="center", va="top",
-                fontsize=6.5)
+        x, y, scale = _panel(canvas, crop, left, bottom)
+        w, h = crop.shape[1] * scale, crop.shape[0] * scale
+        centre = left + PANEL_SIDE_INCHES / 2
+        canvas.text(centre, y + h + TITLE_PAD_INCHES, f"{names[j]}\n{shares[j]:.0%}", ha="center", va="bottom",
+                    fontsize=8, fontweight="bold" if j == best else "normal",
+                    color="firebrick" if j == best else "black")
+        canvas.text(centre, y - 0.04, f"μ {mu[j]:.2f}  ν {nu[j]:.2f}", ha="center", va="top", fontsize=6.5)
         if j == best:
-            ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor="red",
-                                   linewidth=3, clip_on=False))
+            canvas.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="red", linewidth=3, clip_on=False))
+
+
+def _panel(canvas: Any, picture: np.ndarray, left: float, bottom: float) -> tuple[float, float, float]:
+    """`picture` fitted and centred in the square at (left, bottom): its corner (x, y) and inches per pixel."""
+    h, w = picture.shape[:2]
+    scale = PANEL_SIDE_INCHES / max(h, w)
+    x, y = left + (PANEL_SIDE_INCHES - w * scale) / 2, bottom + (PANEL_SIDE_INCHES - h * scale) / 2
+    canvas.imshow(picture, extent=(x, x + w * scale, y, y + h * scale))
+    return x, y, scale
