@@ -37,7 +37,6 @@ from ranray.train.checkpoint import atomic_write_text, export_model
 from ranray.train.engine import Built, Engine, Validation, run_worker
 from ranray.train.jobs import training_tags
 from ranray.model_card import card_path, write_data_card
-from ranray.train.plots import plot_confusion_matrix
 from ranray.train.protocols import Splits, protocol_splits
 from ranray.train.runtime import Runtime
 
@@ -106,6 +105,9 @@ class FineTune:
         return Validation(result.metrics, result.metrics[self.score_name], result, self.splits.selects_best)
 
     def save_best(self, e: Engine, v: Validation) -> None:
+        # Here, not at the top: only rank 0 draws, and matplotlib costs every rank 0.4 s of start-up.
+        from ranray.train.plots import plot_confusion_matrix
+
         export_model(e.net.state_dict(), self.cfg, e.run_dir.best_model)
         write_data_card(e.run_dir.best_model, self.cfg.data.dir)
         plot_confusion_matrix(v.detail.confusion, v.detail.class_names, e.run_dir.confusion,
