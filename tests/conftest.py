@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train's controller polls workers (and so registers reported checkpoints) at this interval;
 # every checkpoint waits for its registration (ranray.train.commits), so tests poll faster than 2 s.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # Every Ray Train run starts a preemption-watcher actor (one more process on 2 cores) that polls
 # Ray's node-drain notices; no test drains a node (the cluster tests kill nodes, which it does not see).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
