@@ -23,6 +23,7 @@ runs log into the server at the same time. Afterwards, read back as alice:
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -316,6 +317,10 @@ def test_every_run_metric_step_and_artifact_reached_the_server(campaign):
         summary = {p.name: p for p in (campaign.search_dir / "summary").iterdir()
                    if p.name in ("tune_config.yaml", "trials.csv", "best_config.yaml", "accuracy_vs_params.png")}
         assert len(summary) == 4 and artifact_sizes(client, parent.info.run_id) == local_sizes(summary)
+        with summary["trials.csv"].open() as f:
+            table = {row["trial_id"]: row for row in csv.DictReader(f)}
+        assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
+            max(float(row["best_val_accuracy"]) for row in table.values()))
 
         runs = {trial_dirs[r.data.tags["trial_id"]]: r for r in children} | {campaign.finetune_dir: finetune}
         histories = metric_histories(campaign, "alice", list(runs.values()))
@@ -329,7 +334,11 @@ def test_every_run_metric_step_and_artifact_reached_the_server(campaign):
             metrics = histories[run.info.run_id]
             test = json.loads(RunDir(run_dir).test_metrics.read_text())
             if run_dir != campaign.finetune_dir:
-                reports = tune_reports(campaign.search_dir, run.data.tags["trial_id"])
+                trial_id = run.data.tags["trial_id"]
+                # The sampled values the trial trained with are its run's params.
+                assert float(run.data.params["lr"]) == pytest.approx(float(table[trial_id]["lr"])), where
+                assert float(run.data.params["margin"]) == pytest.approx(float(table[trial_id]["margin"])), where
+                reports = tune_reports(campaign.search_dir, trial_id)
                 assert [r["step"] for r in reports] == EPOCH_ENDS, where
                 for report in reports:  # every value each epoch reported, at its step
                     for key, value in report.items():

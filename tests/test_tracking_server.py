@@ -1,8 +1,11 @@
 """Tracking against a real `mlflow server` over HTTP (its own sqlite store, --serve-artifacts):
-a fine-tuning run and a tune search read back with the MLflow client; the server killed mid-run
+a fine-tuning run read back with the MLflow client; the server killed mid-run
 and a stub answering 500 / 401: one warning, training goes on, the records are kept locally and
 pushed afterwards (by the run's end when the server answers again, else `ranray track sync`);
 the best model in the Model Registry, used by `ranray predict` and `ranray evaluate`.
+
+A Tune search logging to a server is tests/test_cluster_tracking.py's (make test-cluster): four trials
+on four nodes, every metric step and artifact checked, on the authenticated server.
 
 One server serves the module (its start costs ~20 s on 2 cores); the kill test kills it and puts
 a second one on the same store in its place (Served.server), which the later tests use.
@@ -25,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_reads import metric_history
 from mlflow_server import MlflowServer, StubProxy
 from PIL import Image
-from train_fixtures import NUM_CLASSES, SPLITS, tiny_config
+from train_fixtures import SPLITS, tiny_config
 
 from ranray.cli import main
 from ranray.config import TrackingConfig
@@ -254,40 +257,3 @@ def test_an_mlflow_folder_that_is_not_a_ranray_model_is_refused_naming_the_uri(t
         {"flavors": {"python_function": {"artifacts": {"config": {"path": "artifacts/c.yaml"}}}}}))
     with pytest.raises(ValueError, match="^models:/other/1 is not a ranray RAN model"):
         weights_in_model_folder(tmp_path, "models:/other/1")
-
-
-# ---------------------------------------------------------------------------------------------
-# A tune search over HTTP
-# ---------------------------------------------------------------------------------------------
-
-
-def test_tune_search_logs_parent_and_trials_to_the_server(ray_session, server, data_dir, tmp_path):
-    from ranray.tune import plan_search, run_search
-
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({
-        "data": {"dir": str(data_dir), "loader": "torch", "num_threads": 0, "augment": {"enabled": False}},
-        "model": {"backbone": "iresnet_tiny", "num_classes": NUM_CLASSES, "num_regions": 2},
-        "optim": {"lr": 0.05, "weight_decay": 0.0}, "checkpoint": {"keep": 1},
-        "epochs": 1, "batch_size": 16, "precision": "fp32"}))
-    tune_cfg = tmp_path / "tune.yaml"
-    tune_cfg.write_text(yaml.safe_dump({
-        "name": "http-search", "storage_path": str(tmp_path / "runs"), "base_config": str(base),
-        "space": {"margin_min": 0.0, "margin_max": 0.2, "lr_min": 0.01, "lr_max": 0.1},
-        "num_samples": 2, "use_asha": False, "max_epochs": 1, "grace_period": 1, "max_concurrent_trials": 2,
-        "workers_per_trial": 1, "cpus_per_worker": 1.0,
-        "tracking": {"uri": server.url, "experiment": "tune-http"}}))
-    result = run_search(plan_search(tune_cfg))
-    assert result.tracking_uri == server.url and len(result.rows) == 2
-    runs = find_runs(server.url, "tune-http")
-    parent = next(r for r in runs if r["run_id"] == result.parent_run_id)
-    children = [r for r in runs if r["parent_run_id"] == result.parent_run_id]
-    assert parent["status"] == "FINISHED" and "best_val_accuracy" in parent["metrics"]
-    assert {"trials.csv", "best_config.yaml"} <= set(list_artifacts(server.url, parent["run_id"]))
-    assert len(children) == 2
-    for child in children:
-        row = next(r for r in result.rows if r.trial_id == child["tags"]["trial_id"])
-        assert child["status"] == "FINISHED" and float(child["params"]["lr"]) == pytest.approx(row.params["lr"])
-        assert metric_history(server.url, child["run_id"], "val_accuracy")[0][1] == pytest.approx(row.best_metric)
-        assert {"plots/confusion_val.png", "plots/attention_faces.png", "model/best.pt"} <= set(
-            list_artifacts(server.url, child["run_id"]))
