@@ -121,6 +121,28 @@ def test_confusion_png_has_the_expected_size(tmp_path: Path) -> None:
     assert len(np.unique(np.asarray(img.convert("L")))) > 20  # drawn, not blank
 
 
+def test_attention_columns_clean_and_occluded_and_none_for_an_empty_group(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from ranray.data.schema import FLAG_OCCLUSION
+    from ranray.train.plots import attention_columns, attention_figure_size, plot_attention_faces
+
+    occ = FLAG_OCCLUSION
+    assert attention_columns(3) == [(None, [0, 1, 2])]
+    assert attention_columns(4, [0, occ, 0, occ | 2]) == [("clean faces", [0, 2]), ("occluded faces", [1, 3])]
+    assert attention_columns(2, [occ, occ]) == [("occluded faces", [0, 1])]  # no empty clean column
+    assert attention_columns(2, [0, 2]) == [("clean faces", [0, 1])]
+    both, alone = attention_figure_size(4, 6, [0, occ, 0, occ]), attention_figure_size(2, 6, [occ, occ])
+    assert alone[1] == both[1] and alone[0] < both[0] / 2  # one card wide, as tall as two rows
+    n, k = 2, 3
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[0, 0, 112, 112], [0, 0, 56, 56], [56, 56, 112, 112]], dtype=torch.float32).expand(n, k, 4)
+    path = plot_attention_faces(torch.rand(n, 3, 112, 112, generator=gen) * 2 - 1, boxes, torch.rand(n, k, generator=gen),
+                                torch.rand(n, k, generator=gen), [0, 1], [0, 1], tmp_path / "occ.png", flags=[occ, occ])
+    w, h = attention_figure_size(n, k, [occ, occ])
+    assert Image.open(path).size == (round(w * 100), round(h * 100))
+
+
 def test_attention_png_has_the_expected_size(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -100,21 +100,23 @@ def region_shares(mu: np.ndarray, nu: np.ndarray) -> np.ndarray:
     return w / np.maximum(w.sum(axis=-1, keepdims=True), 1e-12)
 
 
-def attention_layout(num_faces: int, flags: Any = None) -> list[list[int | None]]:
-    """Rows of face indices: one face per row, or with flags two columns, clean | occluded."""
+def attention_columns(num_faces: int, flags: Any = None) -> list[tuple[str | None, list[int]]]:
+    """The picture's columns as (title, face indices): every face in one untitled column, or with
+    flags the clean faces and the occluded ones side by side. A group without a face gets no column
+    (an occlusion-only evaluation draws the occluded column alone)."""
     if flags is None:
-        return [[i] for i in range(num_faces)]
+        return [(None, list(range(num_faces)))]
     occluded = (_np(flags).astype(np.int64) & FLAG_OCCLUSION) != 0
-    columns = [[i for i in range(num_faces) if bool(occluded[i]) == want] for _, want in GROUPS]
-    rows = max(len(c) for c in columns)
-    return [[c[r] if r < len(c) else None for c in columns] for r in range(rows)]
+    columns = [(f"{name} faces", [i for i in range(num_faces) if bool(occluded[i]) == want]) for name, want in GROUPS]
+    return [c for c in columns if c[1]] or columns[:1]
 
 
 def attention_figure_size(num_faces: int, num_regions: int = 6, flags: Any = None) -> tuple[float, float]:
-    layout = attention_layout(num_faces, flags)
-    cards = len(layout[0]) if layout else 1
+    columns = attention_columns(num_faces, flags)
+    cards = len(columns)
+    rows = max(1, max(len(faces) for _, faces in columns))
     width = cards * (num_regions + 1) * PANEL_INCHES + (cards - 1) * CARD_GAP_INCHES
-    return width, max(1, len(layout)) * (PANEL_INCHES + ROW_EXTRA_INCHES) + (GROUP_TITLE_INCHES if flags is not None else 0.0)
+    return width, rows * (PANEL_INCHES + ROW_EXTRA_INCHES) + (GROUP_TITLE_INCHES if flags is not None else 0.0)
 
 
 def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Sequence[int],
@@ -126,7 +128,7 @@ def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Seque
     Per face a row: the face with the box of the region that carried most of the decision, then
     one small panel per region: its crop, its share of the final representation (mu * nu
     normalised, region_shares) in large type, mu and nu below; the largest share is framed red. With `flags` (the loader's) the clean faces go in a
-    left column and the occluded ones in a right column, side by side.
+    left column and the occluded ones in a right column, side by side (attention_columns).
 
     images (N, 3, H, W) normalised as the loader yields them (ranray.data.schema.normalize);
     boxes (N, K, 4) as (x0, y0, x1, y1) pixels, region 0 the whole face; mu / nu (N, K).
@@ -140,23 +142,18 @@ def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Seque
     names = list(region_names) if region_names is not None else ["whole face", *(f"region {i}" for i in range(1, k))]
     classes = list(class_names) if class_names is not None else None
     shares = region_shares(mu, nu)
-    layout = attention_layout(n, flags)
-    cards = len(layout[0]) if layout else 1
     width, height = attention_figure_size(n, k, flags)
     fig = Figure(figsize=(width, height), dpi=DPI)
     # One canvas in inches for every image and label: one matplotlib Axes per panel (56 for 8 faces)
     # cost a second of a run's end to build and draw.
     canvas = fig.add_axes((0, 0, 1, 1))
     top = height - (GROUP_TITLE_INCHES if flags is not None else 0.0)
-    for c in range(cards):
+    for c, (title, faces) in enumerate(attention_columns(n, flags)):
         left = c * ((k + 1) * PANEL_INCHES + CARD_GAP_INCHES)
-        if flags is not None:
-            canvas.text(left + (k + 1) * PANEL_INCHES / 2, top + 0.05, f"{GROUPS[c][0]} faces", ha="center",
-                        va="bottom", fontsize=10, fontweight="bold")
-        for r, row in enumerate(layout):
-            face = row[c]
-            if face is None:
-                continue
+        if title:
+            canvas.text(left + (k + 1) * PANEL_INCHES / 2, top + 0.05, title, ha="center", va="bottom",
+                        fontsize=10, fontweight="bold")
+        for r, face in enumerate(faces):
             bottom = top - (r + 1) * (PANEL_INCHES + ROW_EXTRA_INCHES) + PANEL_BELOW_INCHES
             lefts = [left + j * PANEL_INCHES + (PANEL_INCHES - PANEL_SIDE_INCHES) / 2 for j in range(k + 1)]
             _face_row(canvas, lefts, bottom, images[face], boxes[face], shares[face], mu[face], nu[face], names,
