@@ -30,8 +30,10 @@ def model(tmp_path_factory, data_dir) -> Path:
     from ranray.models import build_ran
 
     root = tmp_path_factory.mktemp("predict")
-    cfg = tiny_config(data_dir, root / "runs", "predict")
-    torch.manual_seed(0)  # the untrained model's class decides the label's width: not the suite's RNG state
+    # The untrained model's class decides the label's width: seed 0 (not the suite's RNG state), at
+    # the input size the plate check below was measured with.
+    cfg = tiny_config(data_dir, root / "runs", "predict", "model.input_size=112")
+    torch.manual_seed(0)
     path, _ = export_model(build_ran(cfg.model).state_dict(), cfg, root / "model" / "best.pt")
     return path
 

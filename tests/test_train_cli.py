@@ -90,7 +90,8 @@ def test_wrong_shaped_backbone_checkpoint_is_refused(data_dir, tmp_path):
 
 def test_matching_backbone_checkpoint_passes(data_dir, tmp_path):
     good = tmp_path / "tiny.pth"
-    torch.save(create_model("iresnet_tiny").state_dict(), good)
+    input_size = tiny_config(data_dir, tmp_path, "x").model.input_size  # the fc layer's shape depends on it
+    torch.save(create_model("iresnet_tiny", input_size=input_size).state_dict(), good)
     manifest = preflight(tiny_config(data_dir, tmp_path, "x", f"model.init_backbone={good}"))
     assert manifest["num_classes"] == NUM_CLASSES
 
