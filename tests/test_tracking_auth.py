@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,8 @@ class Served:
 def served(tmp_path_factory):
     server = AuthServer.start(tmp_path_factory.mktemp("auth_server"))
     try:
-        server.add_user("alice")
-        server.add_user("bob")
+        with ThreadPoolExecutor(2) as pool:  # two `ranray track user add` processes at once
+            list(pool.map(server.add_user, ("alice", "bob")))
     except Exception:
         server.kill()
         raise
