@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 .PHONY: venv test test-cluster demo bench clean
 # The multi-node tests (cluster/local.sh's 3-node cluster: token auth, `ray job submit`, tear-down;
 # the demo job on a local 4-node cluster, node and driver kills; a search and a fine-tune logging to
-# the authenticated tracking server) run on their own: 10-15 minutes on a 2-core machine
+# the authenticated tracking server) run on their own: 9-11 minutes on a 2-core machine
 # (.ci/run runs them after `make test` and the demo).
 CLUSTER_JOB_TESTS := tests/test_local_cluster.py tests/test_cluster_jobs.py tests/test_cluster_elastic.py \
                      tests/test_prepare_cluster.py tests/test_cluster_tracking.py
