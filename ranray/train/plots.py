@@ -112,11 +112,19 @@ def attention_columns(num_faces: int, flags: Any = None) -> list[tuple[str | Non
 
 
 def attention_figure_size(num_faces: int, num_regions: int = 6, flags: Any = None) -> tuple[float, float]:
-    columns = attention_columns(num_faces, flags)
+    return _figure_size(attention_columns(num_faces, flags), num_regions)
+
+
+def _figure_size(columns: list[tuple[str | None, list[int]]], num_regions: int) -> tuple[float, float]:
     cards = len(columns)
     rows = max(1, max(len(faces) for _, faces in columns))
     width = cards * (num_regions + 1) * PANEL_INCHES + (cards - 1) * CARD_GAP_INCHES
-    return width, rows * (PANEL_INCHES + ROW_EXTRA_INCHES) + (GROUP_TITLE_INCHES if flags is not None else 0.0)
+    return width, rows * (PANEL_INCHES + ROW_EXTRA_INCHES) + _title_band(columns)
+
+
+def _title_band(columns: list[tuple[str | None, list[int]]]) -> float:
+    """The height above the columns for their titles: none when the faces are not grouped."""
+    return GROUP_TITLE_INCHES if any(title for title, _ in columns) else 0.0
 
 
 def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Sequence[int],
@@ -142,13 +150,14 @@ def plot_attention_faces(images: Any, boxes: Any, mu: Any, nu: Any, preds: Seque
     names = list(region_names) if region_names is not None else ["whole face", *(f"region {i}" for i in range(1, k))]
     classes = list(class_names) if class_names is not None else None
     shares = region_shares(mu, nu)
-    width, height = attention_figure_size(n, k, flags)
+    columns = attention_columns(n, flags)
+    width, height = _figure_size(columns, k)
     fig = Figure(figsize=(width, height), dpi=DPI)
     # One canvas in inches for every image and label: one matplotlib Axes per panel (56 for 8 faces)
     # cost a second of a run's end to build and draw.
     canvas = fig.add_axes((0, 0, 1, 1))
-    top = height - (GROUP_TITLE_INCHES if flags is not None else 0.0)
-    for c, (title, faces) in enumerate(attention_columns(n, flags)):
+    top = height - _title_band(columns)
+    for c, (title, faces) in enumerate(columns):
         left = c * ((k + 1) * PANEL_INCHES + CARD_GAP_INCHES)
         if title:
             canvas.text(left + (k + 1) * PANEL_INCHES / 2, top + 0.05, title, ha="center", va="bottom",
