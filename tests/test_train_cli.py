@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from train_fixtures import NUM_CLASSES, first_face_file, learnable_dataset, tiny_config
+from train_fixtures import INPUT_SIZE, NUM_CLASSES, first_face_file, learnable_dataset, tiny_config
 
 from ranray.cli import main
 from ranray.config import ConfigError
@@ -90,8 +90,7 @@ def test_wrong_shaped_backbone_checkpoint_is_refused(data_dir, tmp_path):
 
 def test_matching_backbone_checkpoint_passes(data_dir, tmp_path):
     good = tmp_path / "tiny.pth"
-    input_size = tiny_config(data_dir, tmp_path, "x").model.input_size  # the fc layer's shape depends on it
-    torch.save(create_model("iresnet_tiny", input_size=input_size).state_dict(), good)
+    torch.save(create_model("iresnet_tiny", input_size=INPUT_SIZE).state_dict(), good)  # the fc layer's shape
     manifest = preflight(tiny_config(data_dir, tmp_path, "x", f"model.init_backbone={good}"))
     assert manifest["num_classes"] == NUM_CLASSES
 

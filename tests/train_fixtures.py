@@ -21,6 +21,7 @@ from ranray.config import TrainConfig, load_config
 NUM_CLASSES = 4
 CLASS_COLOURS = ((230, 30, 30), (30, 200, 30), (30, 30, 230), (240, 240, 30))
 SPLITS = {"train": 96, "val": 32, "test": 32}  # multiples of NUM_CLASSES, see ClassPainter
+INPUT_SIZE = 64  # tiny_config's backbone input: the 112-px faces resampled (see tiny_config)
 
 
 class ClassPainter:
@@ -51,7 +52,7 @@ def tiny_config(data_dir: Path, storage: Path, name: str, *overrides: str, hooks
         f"data.dir={data_dir}", f"run.storage_path={storage}", f"run.name={name}",
         "data.loader=torch", "data.num_threads=0", "data.augment.enabled=false",
         "model.backbone=iresnet_tiny", f"model.num_classes={NUM_CLASSES}", "model.num_regions=3",
-        "model.input_size=64",
+        f"model.input_size={INPUT_SIZE}",
         "optim.name=sgd", "optim.lr=0.05", "optim.schedule=cosine", "optim.weight_decay=0.0",
         "epochs=2", "batch_size=8", "precision=fp32",
         "scaling.num_workers=2", "checkpoint.every_n_steps=2", "checkpoint.keep=2", "log_every_n_steps=1",
